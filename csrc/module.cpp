@@ -1,0 +1,26 @@
+// The srnn_fast:: op schemas (one definition; CPU and CUDA register implementations under
+// these names) and the Python module stub that lets `import srnn_fast._C` load them.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing the module runs the static TORCH_LIBRARY registrations below; it holds no
+// Python functions of its own (the ops are reached through torch.ops.srnn_fast).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(srnn_fast, m) {
+  // Contract: srnn_fast/scan.py. alpha = exp(-dt/tau_m), rho = exp(-dt/tau_adp), [H].
+  m.def(
+      "scan_fwd(Tensor x_proj, Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, Tensor eta0, Tensor s0, "
+      "bool binary, float b0, float beta, float dt, float r_m, bool save) "
+      "-> (Tensor s, Tensor u_T, Tensor eta_T, Tensor u_seq, Tensor spk_bits)");
+  m.def(
+      "scan_bwd(Tensor grad_s, Tensor grad_u_T, Tensor grad_eta_T, Tensor w_rec, Tensor alpha, Tensor rho, "
+      "Tensor u0, Tensor eta0, Tensor s0, Tensor u_seq, Tensor spikes, bool binary, int surrogate, float b0, "
+      "float beta, float dt, float r_m, float sigma, float gamma) "
+      "-> (Tensor grad_x, Tensor grad_alpha, Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
+}

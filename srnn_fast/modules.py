@@ -1,0 +1,192 @@
+"""nn.Modules: one recurrent SRNN layer, and a stacked network with a readout and a decoder."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import SRNNState, _choice, check_backend, check_config
+from .scan import srnn_scan
+
+READOUTS = ("integrator", "spiking")
+DECODERS = ("count", "last", "max", "mean", "per_step")
+INIT_STATES = ("uniform", "zeros")
+
+
+def _normal_init(t: torch.Tensor, mean_std, floor: float) -> None:
+    """N(mean, std) per neuron, clamped so that no time constant starts at or below ``floor``."""
+    mean, std = mean_std
+    with torch.no_grad():
+        nn.init.normal_(t, mean, std).clamp_(min=floor)
+
+
+def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: int = 64) -> torch.Tensor:
+    """o_t = a o_{t-1} + (1 - a) y_t with a = exp(-dt / tau), o_0 = 0; y [T, B, C], tau [C].
+
+    Runs in chunks of ``chunk`` steps: within a chunk the recurrence is one batched matmul
+    with the [C, L, L] matrix of powers a^(i - j), so the Python loop is T / chunk long.
+    """
+    T, B, C = y.shape
+    log_a = -dt / tau  # [C]
+    steps = torch.arange(chunk, device=y.device, dtype=y.dtype)
+    lag = steps[:, None] - steps[None, :]  # [L, L], i - j
+    decay = torch.exp(lag.clamp(min=0)[None] * log_a[:, None, None]) * (lag >= 0)  # [C, L, L]
+    carry_pow = torch.exp((steps + 1)[:, None] * log_a[None, :])  # [L, C], a^(i+1)
+    drive = (1 - torch.exp(log_a)) * y
+    out, o_prev = [], y.new_zeros(B, C)
+    for start in range(0, T, chunk):
+        d = drive[start:start + chunk]
+        n = d.shape[0]
+        o = torch.einsum("cij,jbc->ibc", decay[:, :n, :n], d) + carry_pow[:n, None, :] * o_prev
+        out.append(o)
+        o_prev = o[-1]
+    return torch.cat(out)
+
+
+class SRNNLayer(nn.Module):
+    """A recurrent layer of spiking (or relu) neurons with trainable time constants.
+
+    Parameters: ``input.weight`` [H, I] (Xavier-uniform), ``input.bias`` [H] (zeros),
+    ``w_rec`` [H, H] (orthogonal; absent when ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5),
+    ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
+    shape [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched) and s shaped alike.
+    Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``) or
+    u = 0, with eta = b0 and s = 0.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, neuron: str = "adaptive", batch_first: bool = False,
+                 backend: str = "auto", bias: bool = True, recurrent: bool = True, b0: float = 0.01, beta=None,
+                 dt: float = 1.0, r_m: float = 1.0, surrogate: str = "gaussian", sigma: float = 0.5,
+                 gamma: float = 0.5, tau_m_init=(20.0, 5.0), tau_adp_init=(150.0, 10.0),
+                 init_state: str = "uniform", device=None, dtype=None):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        self.config = check_config(neuron, b0, beta, dt, r_m, surrogate, sigma, gamma)
+        self.backend = check_backend(backend)
+        self.init_state = _choice("init_state", init_state, INIT_STATES)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.batch_first = batch_first
+        factory = {"device": device, "dtype": dtype}
+        self.input = nn.Linear(input_size, hidden_size, bias=bias, **factory)
+        if recurrent:
+            self.w_rec = nn.Parameter(torch.empty(hidden_size, hidden_size, **factory))
+        else:  # a feed-forward spiking layer: the scan with W_rec = 0
+            self.register_buffer("w_rec", torch.zeros(hidden_size, hidden_size, **factory), persistent=False)
+        self.tau_m = nn.Parameter(torch.empty(hidden_size, **factory))
+        self.tau_adp = nn.Parameter(torch.empty(hidden_size, **factory))
+        self.tau_m_init, self.tau_adp_init = tau_m_init, tau_adp_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.input.weight)
+        if self.input.bias is not None:
+            nn.init.zeros_(self.input.bias)
+        if isinstance(self.w_rec, nn.Parameter):
+            nn.init.orthogonal_(self.w_rec)
+        _normal_init(self.tau_m, self.tau_m_init, floor=self.config.dt)
+        _normal_init(self.tau_adp, self.tau_adp_init, floor=self.config.dt)
+
+    def initial_state(self, batch: int) -> SRNNState:
+        w = self.w_rec
+        if self.training and self.init_state == "uniform":
+            u = torch.rand(batch, self.hidden_size, device=w.device, dtype=w.dtype)
+        else:
+            u = w.new_zeros(batch, self.hidden_size)
+        return SRNNState(u, torch.full_like(u, self.config.b0), torch.zeros_like(u))
+
+    def forward(self, x: torch.Tensor, state=None):
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T, B, {self.input_size}] ([B, T, {self.input_size}] with batch_first, "
+                             f"or [T, {self.input_size}] unbatched); got {got}")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        if state is None:
+            state = self.initial_state(x.shape[1])
+        elif unbatched:
+            state = SRNNState(*(t.unsqueeze(0) for t in state))
+        c = self.config
+        s, state = srnn_scan(self.input(x), self.w_rec, self.tau_m, self.tau_adp, state, neuron=c.neuron, b0=c.b0,
+                             beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate, sigma=c.sigma, gamma=c.gamma,
+                             backend=self.backend)
+        if unbatched:
+            return s.squeeze(1), SRNNState(*(t.squeeze(0) for t in state))
+        return (s.transpose(0, 1) if self.batch_first else s), state
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, neuron={self.config.neuron!r}, "
+                f"recurrent={isinstance(self.w_rec, nn.Parameter)}, backend={self.backend!r}")
+
+
+class AdaptiveSRNN(nn.Module):
+    """Stacked recurrent SRNN layers, a readout and a decoder.
+
+    ``readout="integrator"``: o_t = a_o o_{t-1} + (1 - a_o)(W_out h_t + b), a_o = exp(-dt / tau_out),
+    tau_out trainable. ``readout="spiking"``: a feed-forward adaptive spiking output layer, o_t its spikes.
+    ``decode``: "count" (sum of output spikes; spiking readout only), "last" (o_T), "max" / "mean"
+    over t, or "per_step" (o_t for every step: [T, B, C], or [B, T, C] with batch_first).
+    ``forward(x) -> logits [B, C]``; ``forward(x, return_spikes=True)`` also returns the list
+    of every recurrent layer's output s [T, B, H] (time-major).
+    """
+
+    def __init__(self, input_size: int, hidden_sizes, output_size: int, *, neuron: str = "adaptive",
+                 readout: str = "integrator", decode: str = "mean", batch_first: bool = False,
+                 backend: str = "auto", tau_out_init=(20.0, 5.0), device=None, dtype=None, **layer_kwargs):
+        super().__init__()
+        if isinstance(hidden_sizes, int):
+            hidden_sizes = [hidden_sizes]
+        hidden_sizes = list(hidden_sizes)
+        if not hidden_sizes:
+            raise ValueError("hidden_sizes must name at least one recurrent layer")
+        if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
+            raise ValueError(f"output_size must be a positive int; got {output_size!r}")
+        self.readout = _choice("readout", readout, READOUTS)
+        self.decode = _choice("decode", decode, DECODERS)
+        if decode == "count" and readout != "spiking":
+            raise ValueError('decode="count" counts output spikes and needs readout="spiking"')
+        self.batch_first = batch_first
+        factory = {"device": device, "dtype": dtype}
+        sizes = [input_size] + hidden_sizes
+        self.layers = nn.ModuleList(
+            SRNNLayer(i, h, neuron=neuron, backend=backend, **layer_kwargs, **factory)
+            for i, h in zip(sizes[:-1], sizes[1:]))
+        self.dt = self.layers[0].config.dt
+        if readout == "integrator":
+            self.output = nn.Linear(hidden_sizes[-1], output_size, **factory)
+            nn.init.xavier_uniform_(self.output.weight)
+            nn.init.zeros_(self.output.bias)
+            self.tau_out = nn.Parameter(torch.empty(output_size, **factory))
+            _normal_init(self.tau_out, tau_out_init, floor=self.dt)
+        else:
+            out_kwargs = {k: v for k, v in layer_kwargs.items() if k != "neuron"}
+            self.output = SRNNLayer(hidden_sizes[-1], output_size, neuron="adaptive", backend=backend,
+                                    recurrent=False, **out_kwargs, **factory)
+
+    def forward(self, x: torch.Tensor, return_spikes: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T, B, input] ([B, T, input] with batch_first); got {got}")
+        h = x.transpose(0, 1) if self.batch_first else x
+        hidden = []
+        for layer in self.layers:
+            h, _ = layer(h)  # layers are time-major (batch_first=False)
+            hidden.append(h)
+        if self.readout == "integrator":
+            o = leaky_integrate(self.output(h), self.tau_out, self.dt)
+        else:
+            o, _ = self.output(h)
+        if self.decode == "count":
+            logits = o.sum(0)
+        elif self.decode == "last":
+            logits = o[-1]
+        elif self.decode == "max":
+            logits = o.max(0).values
+        elif self.decode == "mean":
+            logits = o.mean(0)
+        else:
+            logits = o.transpose(0, 1) if self.batch_first else o
+        return (logits, hidden) if return_spikes else logits

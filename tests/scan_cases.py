@@ -1,0 +1,112 @@
+"""Shared machinery for checking a fused scan backend against the reference.
+
+Every backend test (cpp, cuda, triton) builds cases with ``make_case`` and compares with
+``check_float64`` / ``check_float32``, so all backends are held to one tolerance table.
+"""
+from __future__ import annotations
+
+import torch
+
+from srnn_fast import SRNNState, srnn_scan
+from srnn_fast.reference import srnn_scan_ref
+
+NAMES = ("x_proj", "w_rec", "tau_m", "tau_adp", "u0", "eta0", "s0")
+
+# float32 backend vs the float64 reference (see check_float32). Near-threshold ties make
+# exact spike equality impossible over long sequences, so these bound the rate of spike
+# mismatches and the relative (norm-wise) error of the final state and the gradients.
+FLOAT32_TOL = {
+    "spike_mismatch_rate": 2e-3,
+    "state_rel_err": 1e-4,
+    "grad_rel_err": 1e-3,
+}
+FLOAT64_RTOL = 1e-9
+
+
+def case_id(T, B, H, dtype, neuron="adaptive", surrogate="gaussian") -> str:
+    return f"T{T}-B{B}-H{H}-{str(dtype).split('.')[-1].replace('float', 'fp')}-{neuron}-{surrogate}"
+
+
+def make_case(T, B, H, dtype=torch.float64, device="cpu", seed=0, noncontiguous=False):
+    """Fresh random inputs with a moderate firing rate (roughly 10-40 %), plus random
+    upstream gradients for the outputs, all on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, lo=None, hi=None):
+        t = torch.rand(*shape, generator=g, dtype=torch.float64) if lo is not None else \
+            torch.randn(*shape, generator=g, dtype=torch.float64)
+        if lo is not None:
+            t = lo + (hi - lo) * t
+        return t
+
+    inputs = {
+        "x_proj": rnd(T, B, H) * 1.5 + 0.4,
+        "w_rec": rnd(H, H) * (0.6 / H ** 0.5),
+        "tau_m": rnd(H, lo=5.0, hi=30.0),
+        "tau_adp": rnd(H, lo=40.0, hi=200.0),
+        "u0": rnd(B, H, lo=0.0, hi=1.0),
+        "eta0": rnd(B, H, lo=0.0, hi=0.2),
+        "s0": (rnd(B, H, lo=0.0, hi=1.0) < 0.3).double(),
+    }
+    upstream = {"s": rnd(T, B, H), "u": rnd(B, H), "eta": rnd(B, H), "s_T": rnd(B, H)}
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    inputs = {k: cast(v) for k, v in inputs.items()}
+    if noncontiguous:  # same values, strided memory: [B, T, H] storage viewed as [T, B, H]
+        inputs["x_proj"] = inputs["x_proj"].transpose(0, 1).contiguous().transpose(0, 1)
+    return inputs, {k: cast(v) for k, v in upstream.items()}
+
+
+def run(fn, inputs, upstream, **kw):
+    """Forward + backward of ``fn`` (srnn_scan or srnn_scan_ref); returns a dict with the
+    spikes, the final state and the gradient of every input."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    if not inputs["x_proj"].is_contiguous():  # keep the caller's strides
+        leaves["x_proj"] = inputs["x_proj"].detach().requires_grad_(True)
+    state = SRNNState(leaves["u0"], leaves["eta0"], leaves["s0"])
+    s, (u, eta, s_T) = fn(leaves["x_proj"], leaves["w_rec"], leaves["tau_m"], leaves["tau_adp"], state, **kw)
+    loss = ((s * upstream["s"]).sum() + (u * upstream["u"]).sum() + (eta * upstream["eta"]).sum()
+            + (s_T * upstream["s_T"]).sum())
+    grads = torch.autograd.grad(loss, [leaves[k] for k in NAMES])
+    out = {"s": s.detach(), "u": u.detach(), "eta": eta.detach(), "s_T": s_T.detach()}
+    out.update({f"grad_{k}": g for k, g in zip(NAMES, grads)})
+    return out
+
+
+def reference(inputs, upstream, **kw):
+    return run(srnn_scan_ref, inputs, upstream, **kw)
+
+
+def fused(inputs, upstream, backend, **kw):
+    return run(srnn_scan, inputs, upstream, backend=backend, **kw)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_float64(got: dict, ref: dict, rtol: float = FLOAT64_RTOL):
+    """Exact spikes; every other output and gradient within rtol (element-wise, with an
+    absolute floor of rtol times the tensor's largest magnitude)."""
+    assert torch.equal(got["s"].cpu(), ref["s"].cpu()), \
+        f"spikes differ at {int((got['s'].cpu() != ref['s'].cpu()).sum())} of {ref['s'].numel()} places"
+    for k, r in ref.items():
+        g = got[k].cpu()
+        assert not torch.isnan(g).any(), f"{k} has NaN (an unwritten output?)"
+        assert g.shape == r.shape and g.dtype == r.dtype, f"{k}: {g.shape}/{g.dtype} vs {r.shape}/{r.dtype}"
+        torch.testing.assert_close(g, r.cpu(), rtol=rtol, atol=rtol * float(r.abs().max().clamp_min(1e-30)),
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
+def check_float32(got: dict, ref64: dict, tol: dict = FLOAT32_TOL):
+    """A float32 run against the float64 reference on the same inputs."""
+    for k, g in got.items():
+        assert not torch.isnan(g).any(), f"{k} has NaN (an unwritten output?)"
+    mismatch = float((got["s"].cpu().double() != ref64["s"].cpu()).double().mean())
+    assert mismatch <= tol["spike_mismatch_rate"], f"spike mismatch rate {mismatch:.2e}"
+    for k in ("u", "eta"):
+        e = rel_err(got[k], ref64[k])
+        assert e <= tol["state_rel_err"], f"{k}: relative error {e:.2e}"
+    for k in NAMES:
+        e = rel_err(got[f"grad_{k}"], ref64[f"grad_{k}"])
+        assert e <= tol["grad_rel_err"], f"grad_{k}: relative error {e:.2e}"
