@@ -1,0 +1,103 @@
+"""SRNNLayer / AdaptiveSRNN: shapes, decoders, initialisation, streaming, the integrator."""
+import math
+
+import pytest
+import torch
+
+from srnn_fast import AdaptiveSRNN, SRNNLayer, SRNNState, srnn_scan
+from srnn_fast.modules import leaky_integrate
+
+T, B, I, C = 17, 3, 5, 4
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("readout,decode", [("integrator", "last"), ("integrator", "max"), ("integrator", "mean"),
+                                            ("integrator", "per_step"), ("spiking", "count"),
+                                            ("spiking", "per_step")])
+def test_network_shapes(readout, decode, batch_first):
+    net = AdaptiveSRNN(I, [8, 6], C, readout=readout, decode=decode, batch_first=batch_first)
+    x = torch.rand(B, T, I) if batch_first else torch.rand(T, B, I)
+    logits, hidden = net(x, return_spikes=True)
+    if decode == "per_step":
+        assert logits.shape == ((B, T, C) if batch_first else (T, B, C))
+    else:
+        assert logits.shape == (B, C)
+    assert [h.shape for h in hidden] == [(T, B, 8), (T, B, 6)]
+    if readout == "spiking" and decode == "count":
+        assert torch.equal(logits, logits.round()) and (logits >= 0).all()
+
+
+def test_count_needs_spiking_readout():
+    with pytest.raises(ValueError, match="count"):
+        AdaptiveSRNN(I, [8], C, decode="count")
+
+
+@pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
+def test_layer_like_lstm(neuron):
+    layer = SRNNLayer(I, 7, neuron=neuron, batch_first=True)
+    s, state = layer(torch.rand(B, T, I))
+    assert s.shape == (B, T, 7) and isinstance(state, SRNNState)
+    assert all(t.shape == (B, 7) for t in state)
+    s1, st1 = layer(torch.rand(T, I))  # unbatched, like nn.LSTM
+    assert s1.shape == (T, 7) and st1.u.shape == (7,)
+
+
+def test_initialisation():
+    torch.manual_seed(0)
+    layer = SRNNLayer(20, 400)
+    w = layer.w_rec.detach()
+    torch.testing.assert_close(w @ w.t(), torch.eye(400), atol=1e-4, rtol=0)  # orthogonal
+    assert layer.tau_m.mean().item() == pytest.approx(20, abs=1.0)
+    assert layer.tau_m.std().item() == pytest.approx(5, abs=0.7)
+    assert layer.tau_adp.mean().item() == pytest.approx(150, abs=2.0)
+    assert layer.tau_adp.std().item() == pytest.approx(10, abs=1.5)
+    assert (layer.input.bias == 0).all()
+    bound = math.sqrt(6 / (20 + 400))
+    assert layer.input.weight.abs().max() <= bound
+    layer.train()
+    st = layer.initial_state(2)
+    assert (st.u >= 0).all() and (st.u < 1).all() and st.u.std() > 0
+    assert (st.eta == 0.01).all() and (st.s == 0).all()
+    layer.eval()
+    assert (layer.initial_state(2).u == 0).all()
+    assert (SRNNLayer(2, 3, init_state="zeros").initial_state(2).u == 0).all()
+
+
+@pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
+def test_streaming_equals_one_call(neuron):
+    torch.manual_seed(1)
+    layer = SRNNLayer(I, 9, neuron=neuron, dtype=torch.float64)
+    x = torch.rand(40, B, I, dtype=torch.float64) * 2
+    state0 = layer.initial_state(B)
+    s_all, st_all = layer(x, state0)
+    s_a, st_a = layer(x[:23], state0)
+    s_b, st_b = layer(x[23:], st_a)
+    torch.testing.assert_close(torch.cat([s_a, s_b]), s_all, rtol=0, atol=0)
+    for a, b in zip(st_b, st_all):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the scan itself too
+    w, tm, ta = layer.w_rec, layer.tau_m, layer.tau_adp
+    xp = layer.input(x)
+    s1, st1 = srnn_scan(xp, w, tm, ta, state0, neuron=neuron)
+    s2a, st2 = srnn_scan(xp[:5], w, tm, ta, state0, neuron=neuron)
+    s2b, st2 = srnn_scan(xp[5:], w, tm, ta, st2, neuron=neuron)
+    torch.testing.assert_close(torch.cat([s2a, s2b]), s1, rtol=0, atol=0)
+
+
+def test_leaky_integrator_matches_loop():
+    torch.manual_seed(2)
+    y = torch.randn(150, 2, 3, dtype=torch.float64)
+    tau = torch.tensor([2.0, 20.0, 200.0], dtype=torch.float64)
+    a = torch.exp(-1.0 / tau)
+    o, want = torch.zeros(2, 3, dtype=torch.float64), []
+    for y_t in y:
+        o = a * o + (1 - a) * y_t
+        want.append(o)
+    torch.testing.assert_close(leaky_integrate(y, tau, chunk=64), torch.stack(want), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(leaky_integrate(y, tau, chunk=7), torch.stack(want), rtol=1e-12, atol=1e-12)
+
+
+def test_tau_out_is_trained():
+    net = AdaptiveSRNN(I, [8], C, decode="mean")
+    net(torch.rand(T, B, I) * 3).sum().backward()
+    assert net.tau_out.grad is not None and net.tau_out.grad.abs().sum() > 0
