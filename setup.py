@@ -6,13 +6,36 @@ fails loudly without nvcc). SRNN_FAST_CUDA_ARCHS sets the targets (default "9.0;
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import setup
+
+
+def nvcc_toolkit_root():
+    """The CUDA toolkit folder, as nvcc itself reports it. torch would take the parent of
+    the folder holding the `nvcc` on the PATH, which is wrong when that is a wrapper script
+    (here /usr/local/bin/nvcc, so torch looks for libcudart in /usr/local/lib64)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+    return os.path.normpath(m.group(1).strip()) if m else None  # TOP is <root>/bin/..
+
 
 ext_modules, cmdclass = [], {}
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
 if cpp_sources:
+    if os.environ.get("SRNN_FAST_BUILD_CUDA", "auto") != "0" and not (os.environ.get("CUDA_HOME")
+                                                                      or os.environ.get("CUDA_PATH")):
+        root = nvcc_toolkit_root()  # before torch.utils.cpp_extension reads CUDA_HOME
+        if root:
+            os.environ["CUDA_HOME"] = root
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -24,18 +47,21 @@ if cpp_sources:
     build_cuda = bool(cuda_sources) and (mode == "1" or (mode == "auto" and torch.version.cuda and have_nvcc))
     if mode == "1" and not (torch.version.cuda and have_nvcc):
         raise SystemExit("SRNN_FAST_BUILD_CUDA=1 needs a CUDA build of torch and nvcc on the PATH")
-    # No FMA contraction: the kernels round like the reference's separate ops.
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+    # No FMA contraction: the kernels round like the reference's separate ops. No -std:
+    # torch's build adds the standard its headers need (C++20 from torch 2.14 on).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     # -fopenmp in compile and link flags, or at::parallel_for runs on one thread.
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=False)
     if build_cuda:
-        archs = os.environ.get("SRNN_FAST_CUDA_ARCHS", "9.0;8.0")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+        # Explicit targets: without them torch would probe a GPU, and CI has none.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("SRNN_FAST_CUDA_ARCHS", "9.0;8.0")
         # torch's nvidia/cu13/include holds headers (cuBLAS, ...) a bare toolkit may lack.
         nvidia_inc = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "*", "include"))
+        # --fmad=false: nvcc would contract a*b+c into FMAs, which round differently from
+        # the reference (float64 spikes must match it exactly).
         ext = CUDAExtension("srnn_fast._C", cpp_sources + cuda_sources, include_dirs=nvidia_inc,
                             extra_compile_args={"cxx": cxx + ["-DSRNN_FAST_WITH_CUDA"],
-                                                "nvcc": ["-O3", "-std=c++17", "-DSRNN_FAST_WITH_CUDA", "-lineinfo"]},
+                                                "nvcc": ["-O3", "--fmad=false", "-DSRNN_FAST_WITH_CUDA", "-lineinfo"]},
                             **kwargs)
     else:
         ext = CppExtension("srnn_fast._C", cpp_sources, extra_compile_args=cxx, **kwargs)

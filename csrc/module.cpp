@@ -23,4 +23,8 @@ TORCH_LIBRARY(srnn_fast, m) {
       "Tensor u0, Tensor eta0, Tensor s0, Tensor u_seq, Tensor spikes, bool binary, int surrogate, float b0, "
       "float beta, float dt, float r_m, float sigma, float gamma) "
       "-> (Tensor grad_x, Tensor grad_alpha, Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
+  // Optional: dW_rec [H,H] = sum_t grad_x[t]^T s_{t-1} straight from the spike bits
+  // [T,B,ceil(H/32)] (s_0 = s0), accumulating dI rows over the active columns only.
+  // Backends without it unpack the bits and run one GEMM in Python (scan.py).
+  m.def("grad_w_rec(Tensor grad_x, Tensor spk_bits, Tensor s0) -> Tensor");
 }

@@ -68,20 +68,27 @@ SRNN_HD T forward_step(const Params<T>& p, const Decay<T>& d, T current, T s_pre
   return v > T(0) ? v : T(0);
 }
 
-template <typename T>
-SRNN_HD T normal_pdf(T x, T mu, T sigma) {
+// The exp used by the surrogate: libm / CUDA's by default; the CPU kernels pass a
+// vectorizable one (scan_cpu.cpp) so the surrogate loop runs in SIMD lanes.
+struct LibmExp {
+  template <typename T>
+  SRNN_HD T operator()(T x) const { return exp_t(x); }
+};
+
+template <typename T, typename Exp = LibmExp>
+SRNN_HD T normal_pdf(T x, T mu, T sigma, Exp exp_fn = Exp()) {
   const T z = x - mu;
-  return exp_t(-(z * z) / (T(2) * sigma * sigma)) * (T(0.3989422804014327) / sigma);
+  return exp_fn(-(z * z) / (T(2) * sigma * sigma)) * (T(0.3989422804014327) / sigma);
 }
 
 // d s_t / d v_t at v = u_t - theta_t: the surrogate for binary neurons, the step for relu.
-template <typename T>
-SRNN_HD T spike_grad(const Params<T>& p, T v) {
+template <typename T, typename Exp = LibmExp>
+SRNN_HD T spike_grad(const Params<T>& p, T v, Exp exp_fn = Exp()) {
   if (!p.binary) return v > T(0) ? T(1) : T(0);
-  if (p.surrogate == kGaussian) return p.gamma * normal_pdf(v, T(0), p.sigma);
+  if (p.surrogate == kGaussian) return p.gamma * normal_pdf(v, T(0), p.sigma, exp_fn);
   const T wide = T(6) * p.sigma;
-  return p.gamma * (T(1.15) * normal_pdf(v, T(0), p.sigma) - T(0.15) * normal_pdf(v, p.sigma, wide) -
-                    T(0.15) * normal_pdf(v, -p.sigma, wide));
+  return p.gamma * (T(1.15) * normal_pdf(v, T(0), p.sigma, exp_fn) - T(0.15) * normal_pdf(v, p.sigma, wide, exp_fn) -
+                    T(0.15) * normal_pdf(v, -p.sigma, wide, exp_fn));
 }
 
 // What one backward step hands to the caller.
@@ -100,11 +107,14 @@ struct StepGrads {
 //
 // d u_t / d alpha = u_{t-1} - r_m I_t = (u_{t-1} - u_t - theta_t s_{t-1} dt) / (1 - alpha):
 // the identity spares saving I_t (or x_proj) for backward.
+//
+// backward_step_sg takes sg = spike_grad(p, u_t - theta_t) precomputed, so that a CPU caller
+// can run the exps in their own loop and vectorize the rest; backward_step computes it.
 template <typename T>
-SRNN_HD StepGrads<T> backward_step(const Params<T>& p, const Decay<T>& d, T u_prev, T u, T eta_prev, T eta,
-                                   T s_prev, T g_s, T& du, T& deta) {
+SRNN_HD StepGrads<T> backward_step_sg(const Params<T>& p, const Decay<T>& d, T sg, T u_prev, T u, T eta_prev,
+                                      T eta, T s_prev, T g_s, T& du, T& deta) {
   const T theta = threshold(p, eta);
-  const T dv = g_s * spike_grad(p, u - theta);
+  const T dv = g_s * sg;
   const T du_t = du + dv;
   const T dtheta = -dv - du_t * s_prev * p.dt;
   const T deta_t = deta + p.beta * dtheta;
@@ -116,6 +126,13 @@ SRNN_HD StepGrads<T> backward_step(const Params<T>& p, const Decay<T>& d, T u_pr
   du = d.alpha * du_t;
   deta = d.rho * deta_t;
   return g;
+}
+
+template <typename T>
+SRNN_HD StepGrads<T> backward_step(const Params<T>& p, const Decay<T>& d, T u_prev, T u, T eta_prev, T eta,
+                                   T s_prev, T g_s, T& du, T& deta) {
+  const T sg = spike_grad(p, u - threshold(p, eta));
+  return backward_step_sg(p, d, sg, u_prev, u, eta_prev, eta, s_prev, g_s, du, deta);
 }
 
 }  // namespace srnn

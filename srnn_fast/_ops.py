@@ -4,9 +4,44 @@ torch.compile. Importing this never fails: a missing extension is recorded in
 EXTENSION_ERROR and reported by the backends that need it."""
 from __future__ import annotations
 
+import torch
+
 try:
     from . import _C  # noqa: F401  (importing registers torch.ops.srnn_fast.*)
 except ImportError as e:  # not built, or built against another torch
     EXTENSION_ERROR = f"{type(e).__name__}: {e}"
 else:
     EXTENSION_ERROR = None
+
+
+def _words(H: int) -> int:
+    return (H + 31) // 32
+
+
+def _scan_fwd_fake(x_proj, w_rec, alpha, rho, u0, eta0, s0, binary, b0, beta, dt, r_m, save):
+    """Shapes and dtypes of scan_fwd's outputs (the contract in srnn_fast/scan.py)."""
+    T, B, H = x_proj.shape
+    state = dict(dtype=w_rec.dtype, device=x_proj.device)
+    u_seq = x_proj.new_empty((T, B, H) if save else (0,), **state)
+    bits = x_proj.new_empty((T, B, _words(H)) if save and binary else (0,), dtype=torch.int32,
+                            device=x_proj.device)
+    return (x_proj.new_empty((T, B, H), **state), x_proj.new_empty((B, H), **state),
+            x_proj.new_empty((B, H), **state), u_seq, bits)
+
+
+def _scan_bwd_fake(grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary,
+                   surrogate, b0, beta, dt, r_m, sigma, gamma):
+    T, B, H = grad_s.shape
+    return (grad_s.new_empty((T, B, H), dtype=w_rec.dtype), alpha.new_empty((H,)), alpha.new_empty((H,)),
+            u0.new_empty((B, H)), u0.new_empty((B, H)), u0.new_empty((B, H)))
+
+
+def _grad_w_rec_fake(grad_x, spk_bits, s0):
+    H = s0.shape[1]
+    return s0.new_empty((H, H))
+
+
+if EXTENSION_ERROR is None:
+    torch.library.register_fake("srnn_fast::scan_fwd")(_scan_fwd_fake)
+    torch.library.register_fake("srnn_fast::scan_bwd")(_scan_bwd_fake)
+    torch.library.register_fake("srnn_fast::grad_w_rec")(_grad_w_rec_fake)

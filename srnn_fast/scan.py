@@ -17,11 +17,12 @@ every backend sees bitwise the decay factors of the reference):
            grad_u0, grad_eta0, grad_s0 [B,H]
 
 x_proj may be float16/bfloat16 with float32 parameters; everything else shares w_rec's
-dtype. dW_rec = sum_t dI_t^T s_{t-1} is one GEMM here, after the kernel.
+dtype. dW_rec = sum_t dI_t^T s_{t-1} is one GEMM here, after the kernel, or for spiking
+neurons the op grad_w_rec(grad_x, spk_bits, s0) -> [H,H] where the backend registers it (it
+sums dI rows over the active columns, straight from the bits).
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, NamedTuple
 
@@ -69,13 +70,18 @@ class Kernels(NamedTuple):
     bwd: Callable
 
 
+@torch.compiler.assume_constant_result  # registrations are fixed once loaded; no graph break
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
 def _extension_kernels(dispatch_key: str, hint: str) -> Kernels:
     from . import _ops  # loads srnn_fast._C if it was built
 
     if _ops.EXTENSION_ERROR is not None:
         raise BackendUnavailableError(f"the compiled extension srnn_fast._C is not built "
                                       f"({_ops.EXTENSION_ERROR}). {hint}")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("srnn_fast::scan_fwd", dispatch_key):
+    if not _has_kernel("srnn_fast::scan_fwd", dispatch_key):
         raise BackendUnavailableError(f"srnn_fast._C was built without {dispatch_key} kernels. {hint}")
     return Kernels(torch.ops.srnn_fast.scan_fwd, torch.ops.srnn_fast.scan_bwd)
 
@@ -93,7 +99,7 @@ def _load_cuda() -> Kernels:
 
 def _load_triton() -> Kernels:
     try:
-        module = importlib.import_module("srnn_fast.triton_kernels")
+        from . import triton_kernels as module  # an import statement: torch.compile traces it
     except ImportError as e:
         raise BackendUnavailableError(f"backend 'triton' is not available ({e}). Install triton "
                                       "(pip install triton; it comes with CUDA builds of torch)") from e
@@ -188,10 +194,14 @@ class SRNNScanFunction(torch.autograd.Function):
         grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0 = kernels_for(backend).bwd(
             grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary,
             surrogate, b0, beta, dt, r_m, sigma, gamma)
-        # dW_rec[i, j] = sum_{t, b} dI_t[b, i] * s_{t-1}[b, j]: one GEMM over all steps.
-        s_all = unpack_spikes(spikes, H, w_rec.dtype) if binary else spikes
-        s_prev = torch.cat([s0.unsqueeze(0), s_all[:-1]])
-        grad_w = grad_x.reshape(T * B, H).t() @ s_prev.reshape(T * B, H)
+        # dW_rec[i, j] = sum_{t, b} dI_t[b, i] * s_{t-1}[b, j]: one op over all steps.
+        if binary and _has_kernel("srnn_fast::grad_w_rec", u_seq.device.type.upper()):
+            # The same sum straight from the bits, over active columns only (no unpacked copy).
+            grad_w = torch.ops.srnn_fast.grad_w_rec(grad_x, spikes, s0)
+        else:
+            s_all = unpack_spikes(spikes, H, w_rec.dtype) if binary else spikes
+            s_prev = torch.cat([s0.unsqueeze(0), s_all[:-1]])
+            grad_w = grad_x.reshape(T * B, H).t() @ s_prev.reshape(T * B, H)
         return (grad_x.to(ctx.x_dtype), grad_w, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0,
                 None, None, None, None, None, None, None, None, None)
 

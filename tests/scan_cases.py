@@ -15,10 +15,14 @@ NAMES = ("x_proj", "w_rec", "tau_m", "tau_adp", "u0", "eta0", "s0")
 # float32 backend vs the float64 reference (see check_float32). Near-threshold ties make
 # exact spike equality impossible over long sequences, so these bound the rate of spike
 # mismatches and the relative (norm-wise) error of the final state and the gradients.
+# Calibration (cpp backend, make_case inputs, T 97..1301, H 36..128, all neurons, seeds
+# 0-2): no spike flips; largest state error 2.2e-6 (u, adaptive); largest gradient error
+# 2.7e-5 (grad_eta0, lif over T = 1301, where the eta path decays as rho^T), 6.3e-6 for
+# every other gradient. The bounds below sit 4-5x above those maxima.
 FLOAT32_TOL = {
     "spike_mismatch_rate": 2e-3,
-    "state_rel_err": 1e-4,
-    "grad_rel_err": 1e-3,
+    "state_rel_err": 1e-5,
+    "grad_rel_err": 1e-4,
 }
 FLOAT64_RTOL = 1e-9
 
@@ -87,9 +91,14 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def check_float64(got: dict, ref: dict, rtol: float = FLOAT64_RTOL):
     """Exact spikes; every other output and gradient within rtol (element-wise, with an
-    absolute floor of rtol times the tensor's largest magnitude)."""
-    assert torch.equal(got["s"].cpu(), ref["s"].cpu()), \
-        f"spikes differ at {int((got['s'].cpu() != ref['s'].cpu()).sum())} of {ref['s'].numel()} places"
+    absolute floor of rtol times the tensor's largest magnitude). For "relu" (real-valued
+    activations, whose W_rec sums may round differently) the active set is exact and the
+    values are held to rtol like the rest."""
+    active, active_ref = got["s"].cpu() != 0, ref["s"].cpu() != 0
+    assert torch.equal(active, active_ref), \
+        f"spikes differ at {int((active != active_ref).sum())} of {ref['s'].numel()} places"
+    if bool(((ref["s"] == 0) | (ref["s"] == 1)).all()):
+        assert torch.equal(got["s"].cpu(), ref["s"].cpu()), "spike values are not 0/1 like the reference's"
     for k, r in ref.items():
         g = got[k].cpu()
         assert not torch.isnan(g).any(), f"{k} has NaN (an unwritten output?)"
@@ -102,9 +111,11 @@ def check_float32(got: dict, ref64: dict, tol: dict = FLOAT32_TOL):
     """A float32 run against the float64 reference on the same inputs."""
     for k, g in got.items():
         assert not torch.isnan(g).any(), f"{k} has NaN (an unwritten output?)"
-    mismatch = float((got["s"].cpu().double() != ref64["s"].cpu()).double().mean())
+    # Active sets: the spikes themselves for binary neurons, where s > 0 for "relu".
+    mismatch = float(((got["s"].cpu() != 0) != (ref64["s"].cpu() != 0)).double().mean())
     assert mismatch <= tol["spike_mismatch_rate"], f"spike mismatch rate {mismatch:.2e}"
-    for k in ("u", "eta"):
+    binary = bool(((ref64["s"] == 0) | (ref64["s"] == 1)).all())
+    for k in ("u", "eta") if binary else ("u", "eta", "s"):
         e = rel_err(got[k], ref64[k])
         assert e <= tol["state_rel_err"], f"{k}: relative error {e:.2e}"
     for k in NAMES:

@@ -1,0 +1,343 @@
+"""Speed benchmark (SPEC section 6): fused SRNN backends vs the reference loop, torch.compile
+of the reference, and nn.LSTM / nn.GRU / nn.RNN of the same hidden sizes, on the task shapes.
+
+What is timed, for every contender alike: the whole recurrent layer stack of the task (each
+layer's input projection over all steps plus its recurrence; no readout), on the same
+inputs, float32. "fwd" runs under torch.no_grad() (the fused backends' inference path);
+"fwd+bwd" is a forward with grad plus backward of <output, fixed random gradient>. Times are
+medians of --repeats calls after --warmup calls, device-synchronized.
+
+Memory: "saved" is what autograd keeps for backward during the fwd+bwd forward (every saved
+tensor, once per storage; parameters and the input included, for every contender alike).
+"peak" is torch.cuda.max_memory_allocated during fwd+bwd on CUDA; on the CPU it is not
+measured (torch's CPU allocator has no peak counter) and "saved" stands for it.
+
+torch.compile of the reference runs in a child process with a time limit
+(--compile-timeout): compiling a loop of T steps unrolls T steps, and a compile that fails
+or runs out of time is recorded as such instead of stopping the benchmark.
+
+    python bench/run.py                      # all shapes, every contender, on GPU if present
+    python bench/run.py --quick              # tiny shapes and repeats, seconds (CI)
+    python bench/run.py --shapes ecg --backends cpp,reference --out /tmp/b
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import srnn_fast  # noqa: E402
+from measure import median_time, saved_bytes  # noqa: E402
+from srnn_fast.reference import srnn_scan_ref  # noqa: E402
+
+# B, T, layer sizes [input, hidden...], input kind.
+SHAPES = {
+    "ecg": dict(B=64, T=1301, sizes=[4, 36], input="spikes"),
+    "shd": dict(B=64, T=250, sizes=[700, 128, 128], input="spikes"),
+    "smnist": dict(B=256, T=784, sizes=[80, 120, 100], input="analog"),
+}
+QUICK = dict(B=4, T=24)
+BASELINES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+PEERS = ("reference", "compiled_reference", *BASELINES)
+
+
+def fused_backends(device: torch.device) -> list:
+    """Fused backends that run natively on ``device`` (never the Triton interpreter)."""
+    out = []
+    for name in srnn_fast.available_backends():
+        if name == "reference":
+            continue
+        try:
+            srnn_fast.scan.resolve_backend(name, device)
+        except (ValueError, srnn_fast.BackendUnavailableError):
+            continue
+        if device.type == "cpu" and name == "triton":
+            continue
+        out.append(name)
+    return out
+
+
+class SRNNStack(nn.Module):
+    """SRNN layers back to back; ``backend`` "compiled_reference" uses the reference."""
+
+    def __init__(self, sizes, backend):
+        super().__init__()
+        b = "reference" if backend == "compiled_reference" else backend
+        self.layers = nn.ModuleList(srnn_fast.SRNNLayer(i, h, backend=b, init_state="zeros")
+                                    for i, h in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+class RNNStack(nn.Module):
+    """nn.LSTM / GRU / RNN layers of the same widths (separate modules: widths differ)."""
+
+    def __init__(self, cls, sizes):
+        super().__init__()
+        self.layers = nn.ModuleList(cls(i, h) for i, h in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+def build(contender: str, sizes, device) -> nn.Module:
+    torch.manual_seed(0)  # the same parameters for every SRNN contender
+    model = RNNStack(BASELINES[contender], sizes) if contender in BASELINES else SRNNStack(sizes, contender)
+    model = model.to(device)
+    if contender == "compiled_reference":
+        model = torch.compile(model)
+    return model
+
+
+def make_input(shape: dict, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    T, B, I = shape["T"], shape["B"], shape["sizes"][0]
+    if shape["input"] == "spikes":  # event data: sparse binary frames
+        x = (torch.rand(T, B, I, generator=g) < 0.05).float()
+    else:  # analog pixels through a population code: dense values in [0, 1]
+        x = torch.rand(T, B, I, generator=g)
+    # The first layer's input weights are Xavier-uniform; scale so the layer actually spikes.
+    return (x * (3.0 if shape["input"] == "spikes" else 1.5)).to(device)
+
+
+def measure(contender: str, shape: dict, device, repeats: int, warmup: int) -> dict:
+    model = build(contender, shape["sizes"], device)
+    x = make_input(shape, device)
+    out_shape = (shape["T"], shape["B"], shape["sizes"][-1])
+    grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def fwd():
+        with torch.no_grad():
+            return model(x)
+
+    def fwd_bwd():
+        model(x).backward(grad)
+
+    clear = lambda: model.zero_grad(set_to_none=True)  # noqa: E731
+    t0 = time.perf_counter()
+    fwd(), fwd_bwd()  # first calls (compiles for torch.compile), outside the timings
+    first_s = time.perf_counter() - t0
+    res = {"fwd_ms": 1e3 * median_time(fwd, device, repeats, warmup),
+           "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, device, repeats, warmup, clear),
+           "first_call_s": first_s}
+    clear()
+    res["saved_bytes"] = saved_bytes(lambda: model(x))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fwd_bwd()
+        torch.cuda.synchronize()
+        res["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    else:
+        res["peak_bytes"] = None
+    return res
+
+
+def validate(backend: str, device) -> str:
+    """float64 check of a fused backend against the reference on a small case; '' if it
+    agrees, else what differed (no speedup is reported for a backend that fails)."""
+    g = torch.Generator().manual_seed(0)
+    T, B, H = 23, 3, 37
+    args = [torch.randn(T, B, H, generator=g, dtype=torch.float64) + 0.4,
+            torch.randn(H, H, generator=g, dtype=torch.float64) * 0.1,
+            5 + 25 * torch.rand(H, generator=g, dtype=torch.float64),
+            40 + 160 * torch.rand(H, generator=g, dtype=torch.float64)]
+    results = []
+    for kw in ({"backend": backend}, {"backend": "reference"}):
+        leaves = [a.to(device).requires_grad_(True) for a in args]
+        s, (u, eta, _) = srnn_fast.srnn_scan(*leaves, **kw)
+        grads = torch.autograd.grad((s * torch.arange(H, device=device)).sum() + u.sum() + eta.sum(), leaves)
+        results.append(tuple(t.detach() for t in (s, u, eta, *grads)))
+    if not torch.equal(results[0][0], results[1][0]):
+        return "spikes differ from the reference"
+    for name, a, b in zip(("u", "eta", "x_proj", "w_rec", "tau_m", "tau_adp"), results[0][1:], results[1][1:]):
+        if not torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max())):
+            return f"{name} differs from the reference"
+    return ""
+
+
+def run_child(args, contender: str, shape_name: str) -> dict:
+    """One contender in a child process with a time limit (used for torch.compile)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", contender, "--shapes", shape_name,
+           "--device", args.device, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--threads", str(torch.get_num_threads())] + (["--quick"] if args.quick else [])
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within --compile-timeout {args.compile_timeout:.0f} s "
+                         f"(torch.compile unrolls all T steps of the loop)"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"error": f"child exited with {p.returncode}: " + " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    return f"{v:.1f}{unit}" if isinstance(v, float) else str(v)
+
+
+def markdown(report: dict) -> str:
+    m = report["meta"]
+    lines = [f"Device: {m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
+             f"float32, {m['date']}. Command: `{m['command']}`", "",
+             "| shape | contender | fwd ms | fwd+bwd ms | saved MB | peak MB | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for shape, rows in report["results"].items():
+        for name, r in rows.items():
+            mb = lambda b: None if b is None else b / 2**20  # noqa: E731
+            lines.append(f"| {shape} | {name} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+                         f"{fmt(mb(r.get('saved_bytes')))} | {fmt(mb(r.get('peak_bytes')))} | "
+                         f"{r.get('error', r.get('note', ''))} |")
+    lines += ["", "Speedup of each fused backend (time of the peer / time of the fused backend):", "",
+              "| shape | fused | peer | fwd | fwd+bwd | saved bytes, fused / peer |", "|---|---|---|---:|---:|---:|"]
+    for row in report["ratios"]:
+        lines.append(f"| {row['shape']} | {row['fused']} | {row['peer']} | {fmt(row['fwd'], 'x')} | "
+                     f"{fmt(row['fwd_bwd'], 'x')} | {fmt(row['saved'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def ratios(results: dict, fused: list) -> list:
+    rows = []
+    for shape, res in results.items():
+        for f in fused:
+            mine = res.get(f, {})
+            if "fwd_ms" not in mine:
+                continue
+            for peer, r in res.items():
+                if peer in fused or "fwd_ms" not in r:
+                    continue
+                saved = (mine["saved_bytes"] / r["saved_bytes"]) if r.get("saved_bytes") else None
+                rows.append({"shape": shape, "fused": f, "peer": peer, "fwd": r["fwd_ms"] / mine["fwd_ms"],
+                             "fwd_bwd": r["fwd_bwd_ms"] / mine["fwd_bwd_ms"],
+                             "saved": None if saved is None else round(saved, 4)})
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--backends", default=None,
+                   help="comma list of contenders (fused backends, " + ", ".join(PEERS) + "); default all")
+    p.add_argument("--quick", action="store_true", help=f"tiny shapes (T {QUICK['T']}, B {QUICK['B']}), 2 repeats, "
+                                                        "no torch.compile unless named in --backends")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 7, quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2, quick 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile-timeout", type=float, default=240.0,
+                   help="seconds allowed for torch.compile of the reference per shape (default 240)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+                   help="folder for results.json and results.md (default bench/out)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shapes = {}
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+        shapes[name] = dict(SHAPES[name], **(QUICK if args.quick else {}))
+    if args.child:  # one contender, one shape; the parent reads the JSON line
+        shape = shapes[args.shapes]
+        print(json.dumps(measure(args.child, shape, device, args.repeats, args.warmup)))
+        return 0
+
+    fused = fused_backends(device)
+    contenders = fused + list(PEERS)
+    if args.backends:
+        wanted = args.backends.split(",")
+        unknown = [w for w in wanted if w not in contenders and w not in ("cpp", "cuda", "triton")]
+        if unknown:
+            raise SystemExit(f"--backends: unknown {unknown}; choose from {', '.join(contenders)}")
+        contenders = [c for c in contenders if c in wanted]
+        for w in wanted:  # a fused backend asked for by name but not usable here: say why
+            if w in ("cpp", "cuda", "triton") and w not in fused:
+                print(f"note: backend {w!r} does not run on {device} here; skipped", file=sys.stderr)
+    skip_compile = args.quick and not (args.backends and "compiled_reference" in args.backends)
+
+    invalid = {f: validate(f, device) for f in fused if f in contenders}
+    for f, why in invalid.items():
+        if why:
+            print(f"WARNING: backend {f} fails its correctness check ({why}); its times are not compared",
+                  file=sys.stderr)
+
+    from tqdm import tqdm
+
+    tasks = [(s, c) for s in shapes for c in contenders]
+    results = {s: {} for s in shapes}
+    for shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
+        if c == "compiled_reference" and skip_compile:
+            results[shape_name][c] = {"note": "skipped under --quick (name it in --backends to run it)"}
+            continue
+        if c == "compiled_reference":
+            results[shape_name][c] = run_child(args, c, shape_name)
+        else:
+            try:
+                results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup)
+            except Exception as e:  # record and go on: one failing contender must not lose the rest
+                results[shape_name][c] = {"error": f"{type(e).__name__}: {e}"}
+        if invalid.get(c):
+            results[shape_name][c]["error"] = f"fails the correctness check: {invalid[c]}"
+
+    valid_fused = [f for f in fused if f in contenders and not invalid.get(f)]
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else _cpu_name() + f", {os.cpu_count()} CPUs")
+    report = {
+        "meta": {"device": str(device), "device_name": device_name, "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc)
+                 .strftime("%Y-%m-%d %H:%M UTC"), "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+                 "python": platform.python_version(), "quick": args.quick, "repeats": args.repeats,
+                 "warmup": args.warmup, "shapes": shapes},
+        "results": results,
+        "ratios": ratios(results, valid_fused),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown(report)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

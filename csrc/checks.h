@@ -1,0 +1,60 @@
+// Host-side argument checks for the srnn_fast:: ops, shared by the CPU and CUDA kernels.
+//
+// Every op checks all its tensors here before any kernel runs, so kernels may assume
+// validated input; each message names the argument, what it got (shape, dtype, device)
+// and what was expected. Device-agnostic: nothing here reads tensor data.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace srnn {
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  return os.str();
+}
+
+// Checks that `t` is defined, has exactly `shape` (spelled `dims` in the message, e.g.
+// "[B, H]"), the given dtype and device. Contiguity is not required: ops make their own
+// contiguous copies where they need them.
+inline void check_input(const at::Tensor& t, const char* name, std::initializer_list<int64_t> shape,
+                        const char* dims, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "srnn_fast: ", name, " must be a tensor; got an undefined tensor");
+  const at::IntArrayRef expected(shape);
+  TORCH_CHECK(t.sizes() == expected, "srnn_fast: ", name, " must be ", dims, " = ", expected, "; got ",
+              describe(t));
+  TORCH_CHECK(t.scalar_type() == dtype, "srnn_fast: ", name, " must have dtype ", dtype, "; got ", describe(t));
+  TORCH_CHECK(t.device() == device, "srnn_fast: ", name, " must be on ", device, " like the other inputs; got ",
+              describe(t));
+}
+
+// The state dtype of a scan (w_rec's): the kernels compute in float32 or float64.
+inline void check_state_dtype(const at::Tensor& w_rec) {
+  const auto d = w_rec.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kDouble,
+              "srnn_fast: w_rec must be float32 or float64 (the kernels' state dtype); got ", describe(w_rec));
+}
+
+// x_proj shares the state dtype, or is float16/bfloat16 with float32 state.
+inline void check_x_dtype(const at::Tensor& x_proj, at::ScalarType state) {
+  const auto d = x_proj.scalar_type();
+  TORCH_CHECK(d == state || (state == at::kFloat && (d == at::kHalf || d == at::kBFloat16)),
+              "srnn_fast: x_proj must have dtype ", state,
+              " like w_rec, or float16/bfloat16 with float32 w_rec; got ", describe(x_proj));
+}
+
+inline void check_surrogate(int64_t surrogate) {
+  TORCH_CHECK(surrogate == 0 || surrogate == 1,
+              "srnn_fast: surrogate must be 0 (gaussian) or 1 (multi_gaussian); got ", surrogate);
+}
+
+// Number of int32 words holding one row of H spike bits.
+inline int64_t spike_words(int64_t H) { return (H + 31) / 32; }
+
+}  // namespace srnn

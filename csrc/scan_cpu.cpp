@@ -1,0 +1,625 @@
+// CPU kernels of the fused SRNN scan: the whole sequence of one layer per op call,
+// parallel over the batch (at::parallel_for / OpenMP), float32 and float64.
+// Contract (inputs, outputs, what is saved): srnn_fast/scan.py. Neuron math: srnn_neuron.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "srnn_neuron.h"
+
+// Hot loops are compiled per x86 vector width (see SRNN_DEFINE_ROWS); elsewhere, one build.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define SRNN_CLONES
+#endif
+#define SRNN_INLINE inline __attribute__((always_inline))
+
+namespace srnn {
+namespace {
+
+// SRNN_FAST_POISON=1 fills every output with NaN (spike words with all bits set) before
+// the kernels run, so a test sees any element a kernel forgot to write.
+bool poison_outputs() {
+  const char* v = std::getenv("SRNN_FAST_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  if (poison_outputs()) {
+    if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else t.fill_(-1);
+  }
+  return t;
+}
+
+// alpha and rho come from exp(-dt / tau) in Python; a NaN/inf tau or an alpha of 1 (tau too
+// large for the dtype) would silently poison the gradients, so refuse them here. alpha = 1
+// also breaks the dL/dalpha identity (division by 1 - alpha, see srnn_neuron.h).
+template <typename T>
+void check_decay_values(const at::Tensor& t, const char* name, const char* tau, bool allow_one) {
+  const T* p = t.data_ptr<T>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    const bool ok = std::isfinite(p[i]) && p[i] >= T(0) && (allow_one ? p[i] <= T(1) : p[i] < T(1));
+    TORCH_CHECK(ok, "srnn_fast: ", name, " = exp(-dt / ", tau, ") must be finite and in [0, ",
+                allow_one ? "1]" : "1)", " for every neuron; ", name, "[", i, "] = ", double(p[i]),
+                " (is ", tau, "[", i, "] non-finite, <= 0 or too large for the dtype?)");
+  }
+}
+
+template <typename To, typename From>
+SRNN_INLINE To bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of one size");
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
+}
+
+// exp(x) for x <= 0 (the surrogate's Gaussians) in plain arithmetic that vectorizes, unlike
+// a libm call: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its
+// Taylor series (to r^13 for double, r^7 for float: truncation below half an ulp), times 2^n
+// built in the exponent bits. Within a few ulp of libm's exp. Below exp(-708) (double) /
+// exp(-87) (float) it returns 0 where libm gives a subnormal or 0.
+struct SimdExp {
+  SRNN_INLINE double operator()(double x) const {
+    const double shifter = 0x1.8p52;  // adding it rounds x log2(e) to an integer n
+    const double xc = x < -708.0 ? -708.0 : x;
+    const double t = xc * 1.4426950408889634 + shifter;
+    const double n = t - shifter;
+    const double r = (xc - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
+    double q = 1.0 / 6227020800.0;
+    q = q * r + 1.0 / 479001600.0;
+    q = q * r + 1.0 / 39916800.0;
+    q = q * r + 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    q = q * r + 1.0;
+    q = q * r + 1.0;
+    const int64_t k = bits_as<int64_t>(t) - bits_as<int64_t>(shifter);  // n as an integer
+    const double scale = bits_as<double>(int64_t(uint64_t(k + 1023) << 52));
+    return x < -708.0 ? 0.0 : q * scale;
+  }
+  SRNN_INLINE float operator()(float x) const {
+    const float shifter = 0x1.8p23f;
+    const float xc = x < -87.0f ? -87.0f : x;
+    const float t = xc * 1.44269504f + shifter;
+    const float n = t - shifter;
+    const float r = (xc - n * 0x1.62e4p-1f) - n * 0x1.7f7d1cp-20f;
+    float q = 1.0f / 5040.0f;
+    q = q * r + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    const int32_t k = bits_as<int32_t>(t) - bits_as<int32_t>(shifter);
+    const float scale = bits_as<float>(int32_t(uint32_t(k + 127) << 23));
+    return x < -87.0f ? 0.0f : q * scale;
+  }
+};
+
+// Rows of one batch entry at consecutive steps lie B * H apart in [T, B, H] tensors, too far
+// for the hardware prefetcher: without this, every step of the scan waits on a cache miss.
+constexpr int64_t kPrefetchSteps = 8;
+
+template <bool WRITE = false>
+SRNN_INLINE void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k, WRITE ? 1 : 0);
+}
+
+// Row length of W copies, padded to whole 64-byte vectors so the W-row loops have no
+// scalar remainder (the padding is zeros and never reaches an output).
+int64_t padded(int64_t H, int64_t elem_bytes) {
+  const int64_t lanes = 64 / elem_bytes;
+  return (H + lanes - 1) / lanes * lanes;
+}
+
+// Per-neuron constants as separate arrays, so the per-step neuron loops vectorize.
+template <typename T>
+struct Neurons {
+  std::vector<T> alpha, rho, in_gain, one_m_rho, one_m_alpha;
+  Neurons(const T* a, const T* r, T r_m, int64_t H)
+      : alpha(H), rho(H), in_gain(H), one_m_rho(H), one_m_alpha(H) {
+    for (int64_t i = 0; i < H; ++i) {
+      const Decay<T> d = make_decay(a[i], r[i], r_m);
+      alpha[i] = d.alpha, rho[i] = d.rho, in_gain[i] = d.in_gain;
+      one_m_rho[i] = d.one_m_rho, one_m_alpha[i] = d.one_m_alpha;
+    }
+  }
+  Decay<T> at(int64_t i) const { return Decay<T>{alpha[i], rho[i], in_gain[i], one_m_rho[i], one_m_alpha[i]}; }
+};
+
+// Indices of the nonzero entries of s [H]; returns how many.
+template <typename T>
+int64_t active_set(const T* s, int64_t H, int32_t* idx) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < H; ++j)
+    if (s[j] != T(0)) idx[n++] = int32_t(j);
+  return n;
+}
+
+// acc [Hp] = W s over the active j only (wT [H, Hp], rows zero-padded to Hp): rows of W^T (wT [H, H]) summed, multiplied by s_j
+// unless every active s_j is 1 (binary spikes; multiplying by 1 would be exact anyway).
+template <typename T>
+void recurrent_input(const T* __restrict wT, const T* __restrict s, const int32_t* idx, int64_t n, bool unit,
+                     int64_t Hp, T* __restrict acc) {
+  for (int64_t i = 0; i < Hp; ++i) acc[i] = T(0);
+  for (int64_t k = 0; k < n; ++k) {
+    const T* __restrict w = wT + int64_t(idx[k]) * Hp;
+    if (unit) {
+      for (int64_t i = 0; i < Hp; ++i) acc[i] += w[i];
+    } else {
+      const T sj = s[idx[k]];
+      for (int64_t i = 0; i < Hp; ++i) acc[i] += sj * w[i];
+    }
+  }
+}
+
+// Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32.
+template <typename T>
+void pack_bits(const T* s, int64_t H, int32_t* bits) {
+  for (int64_t w = 0; w * 32 < H; ++w) {
+    uint32_t word = 0;
+    const int64_t n = std::min<int64_t>(32, H - w * 32);
+    for (int64_t k = 0; k < n; ++k) word |= uint32_t(s[w * 32 + k] != T(0)) << k;
+    bits[w] = int32_t(word);
+  }
+}
+
+template <typename T>
+void unpack_bits(const int32_t* __restrict bits, int64_t H, T* __restrict s) {
+  for (int64_t j = 0; j < H; ++j) s[j] = T((uint32_t(bits[j >> 5]) >> (j & 31)) & 1u);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: rows [b_begin, b_end) over all T steps.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct FwdArgs {
+  const T* x;      // [T, B, H]
+  const T* wT;     // [H, Hp], W^T zero-padded: row j = column j of W
+  const T* u0;     // [B, H]
+  const T* eta0;   // [B, H]
+  const T* s0;     // [B, H], may be non-binary (user state)
+  T* s;            // [T, B, H]
+  T* u_T;          // [B, H]
+  T* eta_T;        // [B, H]
+  T* u_seq;        // [T, B, H] or null
+  int32_t* bits;   // [T, B, W] or null
+  int64_t T_, B, H, Hp;
+};
+
+template <typename T, bool BINARY>
+SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, const Neurons<T>& nrn,
+                              int64_t b_begin, int64_t b_end) {
+  Params<T> p = params;
+  p.binary = BINARY;  // a compile-time constant once inlined: the branch leaves the loop
+  const int64_t H = a.H, B = a.B, W = spike_words(H);
+  std::vector<T> u(H), eta(H), acc(a.Hp);
+  std::vector<int32_t> idx(H), words(W);
+  T* __restrict uu = u.data();
+  T* __restrict ee = eta.data();
+  const T* __restrict ac = acc.data();
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    std::memcpy(uu, a.u0 + b * H, H * sizeof(T));
+    std::memcpy(ee, a.eta0 + b * H, H * sizeof(T));
+    const T* s_prev = a.s0 + b * H;
+    int64_t n_active = active_set(s_prev, H, idx.data());
+    bool unit = false;  // s0 is user state: multiply by its values
+    for (int64_t t = 0; t < a.T_; ++t) {
+      recurrent_input(a.wT, s_prev, idx.data(), n_active, unit, a.Hp, acc.data());
+      const int64_t off = (t * B + b) * H;
+      if (t + kPrefetchSteps < a.T_) {
+        const int64_t ahead = off + kPrefetchSteps * B * H;
+        prefetch_row(a.x + ahead, H * sizeof(T));
+        prefetch_row<true>(a.s + ahead, H * sizeof(T));
+        if (a.u_seq) prefetch_row<true>(a.u_seq + ahead, H * sizeof(T));
+      }
+      const T* __restrict xt = a.x + off;
+      const T* __restrict sp = s_prev;
+      T* __restrict st = a.s + off;
+#pragma omp simd
+      for (int64_t i = 0; i < H; ++i) st[i] = forward_step(p, nrn.at(i), T(xt[i] + ac[i]), sp[i], uu[i], ee[i]);
+      if (a.u_seq) std::memcpy(a.u_seq + off, uu, H * sizeof(T));
+      s_prev = st;
+      if (BINARY) {  // the active set from the packed bits: cost grows with the spike count
+        pack_bits(st, H, words.data());
+        if (a.bits) std::memcpy(a.bits + (t * B + b) * W, words.data(), W * sizeof(int32_t));
+        n_active = 0;
+        for (int64_t w = 0; w < W; ++w)
+          for (uint32_t word = uint32_t(words[w]); word != 0; word &= word - 1)
+            idx[n_active++] = int32_t(w * 32 + __builtin_ctz(word));
+      } else {
+        n_active = active_set(st, H, idx.data());
+      }
+      unit = BINARY;
+    }
+    std::memcpy(a.u_T + b * H, uu, H * sizeof(T));
+    std::memcpy(a.eta_T + b * H, ee, H * sizeof(T));
+  }
+}
+
+// Entry points per dtype and neuron kind, compiled for several x86 vector widths and chosen
+// at load time (the build's flags target baseline x86-64; -ffp-contract=off holds in every
+// clone, so all clones round alike).
+#define SRNN_DEFINE_ROWS(NAME, IMPL, ARGS, T, BINARY)                                                   \
+  SRNN_CLONES void NAME(const ARGS<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) { \
+    IMPL<T, BINARY>(a, p, n, b, e);                                                                       \
+  }
+SRNN_DEFINE_ROWS(forward_f32_bin, forward_rows, FwdArgs, float, true)
+SRNN_DEFINE_ROWS(forward_f32_relu, forward_rows, FwdArgs, float, false)
+SRNN_DEFINE_ROWS(forward_f64_bin, forward_rows, FwdArgs, double, true)
+SRNN_DEFINE_ROWS(forward_f64_relu, forward_rows, FwdArgs, double, false)
+
+void forward_rows_any(const FwdArgs<float>& a, const Params<float>& p, const Neurons<float>& n, int64_t b,
+                      int64_t e) {
+  p.binary ? forward_f32_bin(a, p, n, b, e) : forward_f32_relu(a, p, n, b, e);
+}
+void forward_rows_any(const FwdArgs<double>& a, const Params<double>& p, const Neurons<double>& n, int64_t b,
+                      int64_t e) {
+  p.binary ? forward_f64_bin(a, p, n, b, e) : forward_f64_relu(a, p, n, b, e);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd_cpu(
+    const at::Tensor& x_proj, const at::Tensor& w_rec, const at::Tensor& alpha, const at::Tensor& rho,
+    const at::Tensor& u0, const at::Tensor& eta0, const at::Tensor& s0, bool binary, double b0, double beta,
+    double dt, double r_m, bool save) {
+  TORCH_CHECK(x_proj.defined() && x_proj.dim() == 3, "srnn_fast: x_proj must be [T, B, H] (3-D); got ",
+              x_proj.defined() ? describe(x_proj) : std::string("an undefined tensor"));
+  const int64_t T_ = x_proj.size(0), B = x_proj.size(1), H = x_proj.size(2);
+  TORCH_CHECK(T_ >= 1 && B >= 1 && H >= 1, "srnn_fast: x_proj must have T, B, H >= 1; got ", describe(x_proj));
+  const at::Device dev = x_proj.device();
+  TORCH_CHECK(w_rec.defined(), "srnn_fast: w_rec must be a tensor; got an undefined tensor");
+  check_state_dtype(w_rec);
+  const auto dtype = w_rec.scalar_type();
+  check_x_dtype(x_proj, dtype);
+  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dtype, dev);
+  check_input(alpha, "alpha", {H}, "[H]", dtype, dev);
+  check_input(rho, "rho", {H}, "[H]", dtype, dev);
+  check_input(u0, "u0", {B, H}, "[B, H]", dtype, dev);
+  check_input(eta0, "eta0", {B, H}, "[B, H]", dtype, dev);
+  check_input(s0, "s0", {B, H}, "[B, H]", dtype, dev);
+
+  const auto opts = w_rec.options();
+  at::Tensor s = new_output({T_, B, H}, opts);
+  at::Tensor u_T = new_output({B, H}, opts), eta_T = new_output({B, H}, opts);
+  at::Tensor u_seq = new_output(save ? at::IntArrayRef{T_, B, H} : at::IntArrayRef{0}, opts);
+  at::Tensor bits = new_output(save && binary ? at::IntArrayRef{T_, B, spike_words(H)} : at::IntArrayRef{0},
+                               opts.dtype(at::kInt));
+
+  const at::Tensor x = x_proj.to(dtype).contiguous();
+  const int64_t Hp = padded(H, w_rec.element_size());
+  at::Tensor wT = at::zeros({H, Hp}, w_rec.options());
+  wT.narrow(1, 0, H).copy_(w_rec.t());
+  const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
+  const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "srnn_fast::scan_fwd", [&] {
+    using T = scalar_t;
+    check_decay_values<T>(a_c, "alpha", "tau_m", false);
+    check_decay_values<T>(r_c, "rho", "tau_adp", true);
+    const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m);
+    const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
+    const FwdArgs<T> args{x.data_ptr<T>(), wT.data_ptr<T>(), u0c.data_ptr<T>(), eta0c.data_ptr<T>(),
+                          s0c.data_ptr<T>(), s.data_ptr<T>(), u_T.data_ptr<T>(), eta_T.data_ptr<T>(),
+                          save ? u_seq.data_ptr<T>() : nullptr,
+                          save && binary ? bits.data_ptr<int32_t>() : nullptr, T_, B, H, Hp};
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { forward_rows_any(args, p, nrn, begin, end); });
+  });
+  return {s, u_T, eta_T, u_seq, bits};
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: rows [b_begin, b_end), t = T..1, recomputing eta_t (and theta_t) from eta0 and
+// the saved spikes; u_t comes from u_seq.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct BwdArgs {
+  const T* grad_s;      // [T, B, H]
+  const T* grad_u_T;    // [B, H]
+  const T* grad_eta_T;  // [B, H]
+  const T* w;           // [H, Hp], W zero-padded: (W^T dI)[j] = sum_i W[i, j] dI[i], rows contiguous
+  const T* u0;          // [B, H]
+  const T* eta0;        // [B, H]
+  const T* s0;          // [B, H]
+  const T* u_seq;       // [T, B, H]
+  const int32_t* bits;  // [T, B, W] (binary) or null
+  const T* s_seq;       // [T, B, H] (relu) or null
+  T* grad_x;            // [T, B, H]
+  T* grad_u0;           // [B, H]
+  T* grad_eta0;         // [B, H]
+  T* grad_s0;           // [B, H]
+  double* dalpha_num;   // [B, H] per-row sums, reduced over B in a fixed order afterwards
+  double* drho;         // [B, H]
+  int64_t T_, B, H, Hp;
+};
+
+// Rows are processed in blocks of kRowBlock in lockstep over t, so that each row of W read
+// for the W^T dI_t products serves every row of the block (W is streamed from L2 once per
+// block and step instead of once per row and step).
+constexpr int64_t kRowBlock = 4;
+
+template <typename T, bool BINARY>
+SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, const Neurons<T>& nrn,
+                               int64_t b_begin, int64_t b_end) {
+  Params<T> p = params;
+  p.binary = BINARY;
+  const int64_t H = a.H, B = a.B, T_ = a.T_, W = spike_words(H), R = kRowBlock;
+  std::vector<T> eta_all(R * (T_ + 1) * H);  // [R, T+1, H]: eta_0 .. eta_T of each row
+  const int64_t Hp = a.Hp;
+  std::vector<T> s_buf(R * H), du(R * H), deta(R * H), ds(R * H), acc(R * Hp), sg(H);
+  std::vector<double> dalpha(R * H), drho(R * H);
+  // s_{t-1} [H] of row b for step t (1-based): s0, or the saved spikes of step t-1.
+  auto s_prev_of = [&](int64_t b, int64_t t, T* buf) -> const T* {
+    if (t == 1) return a.s0 + b * H;
+    const int64_t off = (t - 2) * B + b;
+    if (!BINARY) return a.s_seq + off * H;
+    unpack_bits(a.bits + off * W, H, buf);
+    return buf;
+  };
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += R) {
+    const int64_t nr = std::min(R, b_end - b0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t b = b0 + r;
+      T* eta = eta_all.data() + r * (T_ + 1) * H;
+      std::memcpy(eta, a.eta0 + b * H, H * sizeof(T));
+      for (int64_t t = 1; t <= T_; ++t) {  // the forward's eta update, bit for bit
+        const T* __restrict sp = s_prev_of(b, t, s_buf.data());
+        const T* __restrict e0 = eta + (t - 1) * H;
+        T* __restrict e1 = eta + t * H;
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) e1[i] = nrn.rho[i] * e0[i] + nrn.one_m_rho[i] * sp[i];
+      }
+      std::memcpy(du.data() + r * H, a.grad_u_T + b * H, H * sizeof(T));
+      std::memcpy(deta.data() + r * H, a.grad_eta_T + b * H, H * sizeof(T));
+    }
+    std::fill(ds.begin(), ds.end(), T(0));  // dL/ds_t arriving from step t+1
+    std::fill(dalpha.begin(), dalpha.end(), 0.0);
+    std::fill(drho.begin(), drho.end(), 0.0);
+    for (int64_t t = T_; t >= 1; --t) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t b = b0 + r, off = ((t - 1) * B + b) * H;
+        if (t - 1 - kPrefetchSteps >= 0) {
+          const int64_t behind = off - kPrefetchSteps * B * H;
+          prefetch_row(a.u_seq + behind, H * sizeof(T));
+          prefetch_row(a.grad_s + behind, H * sizeof(T));
+          prefetch_row<true>(a.grad_x + behind, H * sizeof(T));
+          if (BINARY) prefetch_row(a.bits + behind / H * W, W * sizeof(int32_t));
+          else prefetch_row(a.s_seq + behind, H * sizeof(T));
+        }
+        const T* __restrict sp = s_prev_of(b, t, s_buf.data() + r * H);
+        const T* __restrict u_prev = t == 1 ? a.u0 + b * H : a.u_seq + off - B * H;
+        const T* __restrict u_cur = a.u_seq + off;
+        const T* __restrict e_prev = eta_all.data() + (r * (T_ + 1) + t - 1) * H;
+        const T* __restrict e_cur = e_prev + H;
+        const T* __restrict gs = a.grad_s + off;
+        T* __restrict dI = a.grad_x + off;
+        T* __restrict du_r = du.data() + r * H;
+        T* __restrict deta_r = deta.data() + r * H;
+        T* __restrict ds_r = ds.data() + r * H;
+        double* __restrict da_r = dalpha.data() + r * H;
+        double* __restrict dr_r = drho.data() + r * H;
+        T* __restrict sgv = sg.data();
+        // The surrogate, one loop per kind so that each vectorizes whole (SimdExp).
+        if (p.surrogate == kGaussian) {
+          Params<T> q = p;
+          q.surrogate = kGaussian;
+#pragma omp simd
+          for (int64_t i = 0; i < H; ++i) sgv[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
+        } else {
+          Params<T> q = p;
+          q.surrogate = kMultiGaussian;
+#pragma omp simd
+          for (int64_t i = 0; i < H; ++i) sgv[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < H; ++i) {
+          const StepGrads<T> g = backward_step_sg(p, nrn.at(i), sgv[i], u_prev[i], u_cur[i], e_prev[i], e_cur[i],
+                                                  sp[i], T(gs[i] + ds_r[i]), du_r[i], deta_r[i]);
+          dI[i] = g.d_current;
+          ds_r[i] = g.ds_prev;  // the local terms; W^T dI_t is added below
+          da_r[i] += double(g.dalpha_num);
+          dr_r[i] += double(g.drho);
+        }
+      }
+      // acc [nr, Hp] = (W^T dI_t) per row: rows of W scaled by dI_t[i], dense.
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t i = 0; i < H; ++i) {
+        const T* __restrict wi = a.w + i * Hp;
+        for (int64_t r = 0; r < nr; ++r) {
+          const T di = a.grad_x[((t - 1) * B + b0 + r) * H + i];
+          T* __restrict ac = acc.data() + r * Hp;
+#pragma omp simd
+          for (int64_t j = 0; j < Hp; ++j) ac[j] += di * wi[j];
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < H; ++j) ds[r * H + j] += acc[r * Hp + j];
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t b = b0 + r;
+      std::memcpy(a.grad_u0 + b * H, du.data() + r * H, H * sizeof(T));
+      std::memcpy(a.grad_eta0 + b * H, deta.data() + r * H, H * sizeof(T));
+      std::memcpy(a.grad_s0 + b * H, ds.data() + r * H, H * sizeof(T));
+      std::memcpy(a.dalpha_num + b * H, dalpha.data() + r * H, H * sizeof(double));
+      std::memcpy(a.drho + b * H, drho.data() + r * H, H * sizeof(double));
+    }
+  }
+}
+
+SRNN_DEFINE_ROWS(backward_f32_bin, backward_rows, BwdArgs, float, true)
+SRNN_DEFINE_ROWS(backward_f32_relu, backward_rows, BwdArgs, float, false)
+SRNN_DEFINE_ROWS(backward_f64_bin, backward_rows, BwdArgs, double, true)
+SRNN_DEFINE_ROWS(backward_f64_relu, backward_rows, BwdArgs, double, false)
+#undef SRNN_DEFINE_ROWS
+void backward_rows_any(const BwdArgs<float>& a, const Params<float>& p, const Neurons<float>& n, int64_t b,
+                       int64_t e) {
+  p.binary ? backward_f32_bin(a, p, n, b, e) : backward_f32_relu(a, p, n, b, e);
+}
+void backward_rows_any(const BwdArgs<double>& a, const Params<double>& p, const Neurons<double>& n, int64_t b,
+                       int64_t e) {
+  p.binary ? backward_f64_bin(a, p, n, b, e) : backward_f64_relu(a, p, n, b, e);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd_cpu(
+    const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& w_rec,
+    const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
+    const at::Tensor& s0, const at::Tensor& u_seq, const at::Tensor& spikes, bool binary, int64_t surrogate,
+    double b0, double beta, double dt, double r_m, double sigma, double gamma) {
+  TORCH_CHECK(grad_s.defined() && grad_s.dim() == 3, "srnn_fast: grad_s must be [T, B, H] (3-D); got ",
+              grad_s.defined() ? describe(grad_s) : std::string("an undefined tensor"));
+  const int64_t T_ = grad_s.size(0), B = grad_s.size(1), H = grad_s.size(2);
+  TORCH_CHECK(T_ >= 1 && B >= 1 && H >= 1, "srnn_fast: grad_s must have T, B, H >= 1; got ", describe(grad_s));
+  check_surrogate(surrogate);
+  TORCH_CHECK(w_rec.defined(), "srnn_fast: w_rec must be a tensor; got an undefined tensor");
+  check_state_dtype(w_rec);
+  const auto dtype = w_rec.scalar_type();
+  const at::Device dev = grad_s.device();
+  check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);
+  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, dev);
+  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, dev);
+  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dtype, dev);
+  check_input(alpha, "alpha", {H}, "[H]", dtype, dev);
+  check_input(rho, "rho", {H}, "[H]", dtype, dev);
+  check_input(u0, "u0", {B, H}, "[B, H]", dtype, dev);
+  check_input(eta0, "eta0", {B, H}, "[B, H]", dtype, dev);
+  check_input(s0, "s0", {B, H}, "[B, H]", dtype, dev);
+  check_input(u_seq, "u_seq", {T_, B, H}, "[T, B, H]", dtype, dev);
+  if (binary)
+    check_input(spikes, "spikes (spike bits)", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, dev);
+  else
+    check_input(spikes, "spikes (relu activations)", {T_, B, H}, "[T, B, H]", dtype, dev);
+
+  const auto opts = w_rec.options();
+  at::Tensor grad_x = new_output({T_, B, H}, opts);
+  at::Tensor grad_alpha = new_output({H}, opts), grad_rho = new_output({H}, opts);
+  at::Tensor grad_u0 = new_output({B, H}, opts), grad_eta0 = new_output({B, H}, opts);
+  at::Tensor grad_s0 = new_output({B, H}, opts);
+  // Per-row partial sums in float64, reduced over B in row order: deterministic for any
+  // thread count, and no float32 drift over T * B terms.
+  at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
+
+  const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), getaT = grad_eta_T.contiguous();
+  const int64_t Hp = padded(H, w_rec.element_size());
+  at::Tensor w = at::zeros({H, Hp}, w_rec.options());
+  w.narrow(1, 0, H).copy_(w_rec);
+  const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
+  const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
+  const at::Tensor useq = u_seq.contiguous(), spk = spikes.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "srnn_fast::scan_bwd", [&] {
+    using T = scalar_t;
+    check_decay_values<T>(a_c, "alpha", "tau_m", false);
+    check_decay_values<T>(r_c, "rho", "tau_adp", true);
+    const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
+    const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
+    double* dalpha_part = part.data_ptr<double>();
+    double* drho_part = dalpha_part + B * H;
+    const BwdArgs<T> args{gs.data_ptr<T>(), guT.data_ptr<T>(), getaT.data_ptr<T>(), w.data_ptr<T>(),
+                          u0c.data_ptr<T>(), eta0c.data_ptr<T>(), s0c.data_ptr<T>(), useq.data_ptr<T>(),
+                          binary ? spk.data_ptr<int32_t>() : nullptr, binary ? nullptr : spk.data_ptr<T>(),
+                          grad_x.data_ptr<T>(), grad_u0.data_ptr<T>(), grad_eta0.data_ptr<T>(),
+                          grad_s0.data_ptr<T>(), dalpha_part, drho_part, T_, B, H, Hp};
+    // Blocks of whole kRowBlock rows per task, so the W^T dI products are shared.
+    at::parallel_for(0, (B + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
+      backward_rows_any(args, p, nrn, begin * kRowBlock, std::min(B, end * kRowBlock));
+    });
+    T* ga = grad_alpha.data_ptr<T>();
+    T* gr = grad_rho.data_ptr<T>();
+    for (int64_t i = 0; i < H; ++i) {
+      double sa = 0.0, sr = 0.0;
+      for (int64_t b = 0; b < B; ++b) sa += dalpha_part[b * H + i], sr += drho_part[b * H + i];
+      // The dL/dalpha identity's common factor 1 / (1 - alpha), applied once (srnn_neuron.h).
+      ga[i] = T(sa / double(nrn.one_m_alpha[i]));
+      gr[i] = T(sr);
+    }
+  });
+  return {grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
+}
+
+// dW_rec = sum_{t,b} dI[t,b,:]^T s_{t-1}[b,:] from the spike bits: for binary spikes a sum of
+// dI rows into the rows of dW^T of the neurons that spiked, so the cost follows the spike
+// count. Rows (t, b) are split into a fixed number of chunks, each summed in float64 into its
+// own partial, and the partials are added in chunk order: deterministic for any thread count.
+constexpr int64_t kOuterChunks = 32;
+
+at::Tensor grad_w_rec_cpu(const at::Tensor& grad_x, const at::Tensor& spk_bits, const at::Tensor& s0) {
+  TORCH_CHECK(s0.defined() && s0.dim() == 2, "srnn_fast: s0 must be [B, H] (2-D); got ",
+              s0.defined() ? describe(s0) : std::string("an undefined tensor"));
+  check_state_dtype(s0);
+  TORCH_CHECK(grad_x.defined() && grad_x.dim() == 3 && grad_x.size(0) >= 1,
+              "srnn_fast: grad_x must be [T, B, H] with T >= 1; got ",
+              grad_x.defined() ? describe(grad_x) : std::string("an undefined tensor"));
+  const int64_t T_ = grad_x.size(0), B = s0.size(0), H = s0.size(1), W = spike_words(H);
+  check_input(grad_x, "grad_x", {T_, B, H}, "[T, B, H]", s0.scalar_type(), s0.device());
+  check_input(spk_bits, "spk_bits", {T_, B, W}, "[T, B, ceil(H/32)]", at::kInt, s0.device());
+  const at::Tensor gx = grad_x.contiguous(), bits = spk_bits.contiguous(), s0c = s0.contiguous();
+  const int64_t N = T_ * B, chunks = std::min(N, kOuterChunks), Hp = padded(H, sizeof(double));
+  at::Tensor part = at::zeros({chunks, H, Hp}, s0.options().dtype(at::kDouble));  // dW^T partials
+  at::Tensor out = new_output({H, H}, s0.options());
+  AT_DISPATCH_FLOATING_TYPES(s0.scalar_type(), "srnn_fast::grad_w_rec", [&] {
+    using T = scalar_t;
+    const T* dI = gx.data_ptr<T>();
+    const T* s0p = s0c.data_ptr<T>();
+    const int32_t* src = bits.data_ptr<int32_t>();
+    double* parts = part.data_ptr<double>();
+    at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        double* __restrict acc = parts + c * H * Hp;  // [H, Hp]: row j = column j of dW
+        for (int64_t n = c * N / chunks; n < (c + 1) * N / chunks; ++n) {
+          const T* __restrict d = dI + n * H;
+          if (n < B) {  // t = 0: s_0 is user state, any real value
+            for (int64_t j = 0; j < H; ++j) {
+              const double sj = double(s0p[n * H + j]);
+              if (sj == 0.0) continue;
+              double* __restrict row = acc + j * Hp;
+              for (int64_t i = 0; i < H; ++i) row[i] += sj * double(d[i]);
+            }
+            continue;
+          }
+          const int32_t* w = src + (n - B) * W;  // s_{t-1} of row (t, b) = bits of (t-1, b)
+          for (int64_t k = 0; k < W; ++k)
+            for (uint32_t word = uint32_t(w[k]); word != 0; word &= word - 1) {
+              double* __restrict row = acc + (k * 32 + __builtin_ctz(word)) * Hp;
+              for (int64_t i = 0; i < H; ++i) row[i] += double(d[i]);
+            }
+        }
+      }
+    });
+    T* o = out.data_ptr<T>();
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < H; ++j) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) sum += parts[(c * H + j) * Hp + i];
+        o[i * H + j] = T(sum);
+      }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace srnn
+
+TORCH_LIBRARY_IMPL(srnn_fast, CPU, m) {
+  m.impl("scan_fwd", &srnn::scan_fwd_cpu);
+  m.impl("scan_bwd", &srnn::scan_bwd_cpu);
+  m.impl("grad_w_rec", &srnn::grad_w_rec_cpu);
+}

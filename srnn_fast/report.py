@@ -1,0 +1,435 @@
+"""Results report over run folders: ``python -m srnn_fast.report RUN_DIRS... --out results``.
+
+Reads the run folders written by ``python -m srnn_fast.train`` (config.json, metrics.json,
+best.pt) and writes ``OUT/REPORT.md`` with
+
+- the results table of the method (task, method, network, accuracy, Fr, parameters),
+- the theoretical energy per sample (:mod:`srnn_fast.energy`, the method's single-Fr
+  formula, with the firing rate measured on the test set at the best epoch) and a relative
+  table with the adaptive SRNN of each task as unit,
+- with ``--measure``: per spiking run, the operations actually triggered on the test set
+  next to the formula's estimate,
+
+and figures in ``OUT/figures/``: energy ratio vs error ratio per task (Pareto view),
+accuracy vs firing rate across network sizes, tau_m / tau_adp histograms at
+initialisation and after training, one learning curve per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .energy import EnergyCosts, compare_table, estimate_energy, measure_ops
+
+METHOD_NAMES = {"adaptive": "Adaptive SRNN", "lif": "LIF SRNN", "relu": "RELU SRNN", "lstm": "LSTM",
+                "gru": "GRU", "rnn": "Vanilla RNN", "bilstm": "Bi-LSTM"}
+SPIKING = ("adaptive", "lif")
+TASK_ORDER = ("ecg", "smnist", "psmnist", "shd")
+TASK_NAMES = {"ecg": "ECG (QTDB)", "smnist": "S-MNIST", "psmnist": "PS-MNIST", "shd": "SHD"}
+
+
+@dataclass
+class Run:
+    """One run folder, with what the report needs from it."""
+
+    path: Path
+    name: str
+    config: dict
+    metrics: dict
+    best: Optional[dict] = None          # the metrics entry of the best epoch
+    energy_pj: Optional[float] = None    # per sample, method's formula
+    energy_layers_pj: Optional[float] = None  # per sample, per-layer rates
+    T: int = 1                           # time steps per sample
+    notes: list = field(default_factory=list)
+
+    @property
+    def compared_energy(self) -> Optional[float]:
+        """What the relative table compares: energy per time step for a streaming task
+        (decode "per_step", e.g. ECG, whose samples are arbitrary windows of a recording),
+        else per sample (one classified sequence)."""
+        if self.energy_pj is None:
+            return None
+        return self.energy_pj / self.T if self.config.get("decode") == "per_step" else self.energy_pj
+
+    @property
+    def task(self) -> str:
+        return self.config["task"]
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def acc(self) -> Optional[float]:
+        return self.metrics.get("best_test_acc")
+
+    @property
+    def fr(self) -> Optional[float]:
+        return None if self.best is None else self.best.get("fr")
+
+    @property
+    def network(self) -> str:
+        c = self.config
+        hidden = c["hidden_sizes"] if isinstance(c["hidden_sizes"], list) else [c["hidden_sizes"]]
+        return "-".join(str(v) for v in [c["input_size"], *hidden, c["num_classes"]])
+
+    @property
+    def params(self) -> Optional[int]:
+        return self.metrics.get("params", self.config.get("params"))
+
+
+def find_runs(paths) -> list:
+    """Run folders (holding config.json and metrics.json) at or below each of ``paths``."""
+    found = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"run folder {p} does not exist")
+        hits = [p] if (p / "config.json").is_file() else sorted(c.parent for c in p.rglob("config.json"))
+        hits = [h for h in hits if (h / "metrics.json").is_file()]
+        if not hits:
+            raise FileNotFoundError(f"{p} holds no run folder (a folder with config.json and metrics.json, "
+                                    f"as written by python -m srnn_fast.train)")
+        found.extend(hits)
+    return list(dict.fromkeys(found))
+
+
+def load_run(path: Path, costs: EnergyCosts) -> Run:
+    config = json.loads((path / "config.json").read_text())
+    metrics = json.loads((path / "metrics.json").read_text())
+    run = Run(path, path.name, config, metrics)
+    epochs = metrics.get("epochs") or []
+    if metrics.get("best_epoch") is not None:
+        run.best = next((e for e in epochs if e["epoch"] == metrics["best_epoch"]), None)
+    if len(epochs) < config.get("epochs", 0):
+        run.notes.append(f"trained {len(epochs)} of {config['epochs']} epochs")
+    run.T = T = int(config.get("seq_len") or 1)  # srnn_fast.train records the data's sequence length
+    if run.model in SPIKING and run.fr is not None:
+        run.energy_pj = estimate_energy(config, costs=costs, T=T, fr=run.fr)
+        if run.best.get("fr_layers"):
+            run.energy_layers_pj = estimate_energy(config, costs=costs, T=T, fr_layers=run.best["fr_layers"])
+    elif run.model not in SPIKING:
+        run.energy_pj = run.energy_layers_pj = estimate_energy(config, costs=costs, T=T)
+    return run
+
+
+def _fmt(v, spec: str, none: str = "–") -> str:
+    return none if v is None else format(v, spec)
+
+
+def _sort_key(r: Run):
+    task = TASK_ORDER.index(r.task) if r.task in TASK_ORDER else len(TASK_ORDER)
+    return task, list(METHOD_NAMES).index(r.model) if r.model in METHOD_NAMES else 99, r.params or 0, r.name
+
+
+def results_table(runs) -> str:
+    rows = ["| task | method | network | accuracy (%) | Fr | parameters | epochs | run |",
+            "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in runs:
+        done = len(r.metrics.get("epochs") or [])
+        rows.append(f"| {TASK_NAMES.get(r.task, r.task)} | {METHOD_NAMES.get(r.model, r.model)} | {r.network} | "
+                    f"{_fmt(None if r.acc is None else 100 * r.acc, '.2f')} | {_fmt(r.fr, '.4f')} | "
+                    f"{_fmt(r.params, ',')} | {done} / {r.config.get('epochs', '?')} | {r.name} |")
+    return "\n".join(rows)
+
+
+def reference_run(runs, task: str) -> Optional[Run]:
+    """The unit of a task: its adaptive SRNN run of highest accuracy."""
+    cands = [r for r in runs if r.task == task and r.model == "adaptive" and r.energy_pj and r.acc is not None]
+    return max(cands, key=lambda r: (r.acc, r.name)) if cands else None
+
+
+def relative_rows(runs) -> list:
+    """(run, energy ratio, error ratio) for every run whose task has an adaptive SRNN unit."""
+    out = []
+    for r in runs:
+        ref = reference_run(runs, r.task)
+        if ref is None or r.energy_pj is None or r.acc is None:
+            out.append((r, None, None))
+            continue
+        err, ref_err = 1 - r.acc, 1 - ref.acc
+        out.append((r, r.compared_energy / ref.compared_energy, err / ref_err if ref_err > 0 else None))
+    return out
+
+
+def energy_table(runs) -> str:
+    rows = ["| task | method | network | T | energy / sample (nJ) | per-layer Fr (nJ) | energy / step (pJ) "
+            "| relative energy | error (%) | relative error | run |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r, e_rel, err_rel in relative_rows(runs):
+        unit = " (unit)" if r is reference_run(runs, r.task) else ""
+        rows.append(f"| {TASK_NAMES.get(r.task, r.task)} | {METHOD_NAMES.get(r.model, r.model)}{unit} | {r.network} | "
+                    f"{r.T} | {_fmt(None if r.energy_pj is None else r.energy_pj / 1e3, '.2f')} | "
+                    f"{_fmt(None if r.energy_layers_pj is None else r.energy_layers_pj / 1e3, '.2f')} | "
+                    f"{_fmt(None if r.energy_pj is None else r.energy_pj / r.T, '.1f')} | "
+                    f"{_fmt(e_rel, '.2f')} | {_fmt(None if r.acc is None else 100 * (1 - r.acc), '.2f')} | "
+                    f"{_fmt(err_rel, '.2f')} | {r.name} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Models of a run: at initialisation and after training
+# ---------------------------------------------------------------------------------------
+def _rebuild(config: dict):
+    from .train import build_model
+
+    cfg = dict(config, backend="auto")  # the run's backend may be a GPU one; "auto" runs anywhere
+    torch.manual_seed(cfg.get("seed", 0))  # as srnn_fast.train does right before build_model
+    return build_model(cfg)
+
+
+def initial_and_trained(run: Run):
+    """(model at initialisation, trained model from best.pt or None) of an SRNN run."""
+    init = _rebuild(run.config)
+    ckpt = run.path / "best.pt"
+    if not ckpt.is_file():
+        return init, None
+    trained = _rebuild(run.config)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    trained.load_state_dict(state["model"])
+    return init, trained
+
+
+def _taus(model, name: str) -> torch.Tensor:
+    return torch.cat([getattr(l, name).detach().float().flatten() for l in model.layers])
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def plot_learning_curve(run: Run, path: Path) -> None:
+    plt = _plt()
+    ep = run.metrics["epochs"]
+    x = [e["epoch"] for e in ep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a.plot(x, [e["loss"] for e in ep], label="train")
+    a.plot(x, [e["test_loss"] for e in ep], label="test")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    b.plot(x, [100 * e["train_acc"] for e in ep], label="train")
+    b.plot(x, [100 * e["test_acc"] for e in ep], label="test")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    if any(e.get("fr") is not None for e in ep):
+        c = b.twinx()
+        c.plot(x, [e.get("fr") for e in ep], color="tab:gray", ls="--", label="Fr (test)")
+        c.set_ylabel("firing rate")
+        c.legend(loc="lower right")
+    b.legend(loc="upper left")
+    fig.suptitle(f"{run.name}: {METHOD_NAMES.get(run.model, run.model)} {run.network} on "
+                 f"{TASK_NAMES.get(run.task, run.task)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_taus(run: Run, init, trained, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, name, label in zip(axes, ("tau_m", "tau_adp"), ("tau_m (membrane)", "tau_adp (adaptation)")):
+        sets = [("initialisation", _taus(init, name))]
+        if trained is not None:
+            sets.append(("after training (best.pt)", _taus(trained, name)))
+        values = torch.cat([v for _, v in sets])
+        lo, hi = values.min().item(), values.max().item()
+        bins = torch.linspace(lo, hi if hi > lo else lo + 1, 31).tolist()  # shared bins: the two are comparable
+        for label_, v in sets:
+            ax.hist(v.numpy(), bins=bins, histtype="step", lw=1.5, label=label_)
+        ax.set(xlabel=f"{label} (steps)", ylabel="neurons", title=label)
+        ax.legend()
+    fig.suptitle(f"{run.name}: time constants of the recurrent layers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_pareto(runs, path: Path) -> bool:
+    """Energy ratio vs error ratio, one panel per task that has an adaptive SRNN unit."""
+    rows = [(r, e, q) for r, e, q in relative_rows(runs) if e is not None and q is not None]
+    tasks = [t for t in dict.fromkeys(r.task for r, _, _ in rows)]
+    if not tasks:
+        return False
+    plt = _plt()
+    colors = {m: f"C{i}" for i, m in enumerate(METHOD_NAMES)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        pts = [(r, e, q) for r, e, q in rows if r.task == task]
+        for model in dict.fromkeys(r.model for r, _, _ in pts):
+            sel = [(q, e) for r, e, q in pts if r.model == model]
+            ax.scatter(*zip(*sel), s=40, color=colors.get(model), label=METHOD_NAMES.get(model, model))
+        for r, e, q in pts:
+            # run names label the points; kept out of the layout so long names cannot squeeze the axes
+            ax.annotate(r.name, (q, e), fontsize=6, xytext=(4, 2), textcoords="offset points").set_in_layout(False)
+        energies = [e for _, e, _ in pts]
+        if max(energies) / min(energies) > 10:  # baselines can cost ~50x: log scale only where it helps
+            ax.set_yscale("log")
+        ax.set(xlabel="error / error of adaptive SRNN", ylabel="energy / energy of adaptive SRNN",
+               title=TASK_NAMES.get(task, task))
+        ax.axhline(1, color="gray", lw=0.5)
+        ax.axvline(1, color="gray", lw=0.5)
+        ax.margins(0.15)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_acc_vs_fr(runs, path: Path) -> bool:
+    pts = [r for r in runs if r.model in SPIKING and r.fr is not None and r.acc is not None]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in dict.fromkeys(r.task for r in pts):
+        for model, marker in (("adaptive", "o"), ("lif", "s")):
+            sel = sorted((r for r in pts if r.task == task and r.model == model), key=lambda r: r.params or 0)
+            if not sel:
+                continue
+            ax.plot([r.fr for r in sel], [100 * r.acc for r in sel], marker=marker, ls="none",
+                    label=f"{TASK_NAMES.get(task, task)}, {METHOD_NAMES[model]}")
+            for r in sel:
+                ax.annotate(r.network, (r.fr, 100 * r.acc), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points").set_in_layout(False)
+    ax.set(xlabel="firing rate (spikes / neuron / step, test set)", ylabel="test accuracy (%)",
+           title="accuracy vs firing rate across network sizes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Measured operation counts on the test set
+# ---------------------------------------------------------------------------------------
+def measure_run(run: Run, trained, data_dir: Optional[str], limit: int, batch_size: int, costs: EnergyCosts) -> str:
+    from .data import build_datasets
+
+    cfg = run.config
+    _, test_ds, _ = build_datasets(cfg["task"], data_dir or cfg.get("data_dir"), seed=cfg.get("data_seed", 0),
+                                   **cfg.get("data", {}))
+    n = min(limit, len(test_ds))
+    subset = torch.utils.data.Subset(test_ds, range(n))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
+    dtype = next(trained.parameters()).dtype
+    counts = measure_ops(trained, ((x.to(dtype),) for x, _ in loader))
+    head = (f"**{run.name}** ({METHOD_NAMES.get(run.model, run.model)} {run.network}, "
+            f"{TASK_NAMES.get(run.task, run.task)}; first {n} test samples; pJ per sample per time step):\n\n")
+    return head + compare_table(counts, cfg, fr=run.fr, costs=costs)
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------
+def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measure: bool = False,
+                 data_dir: Optional[str] = None, measure_limit: int = 256, batch_size: int = 64,
+                 title: str = "Results", command: Optional[str] = None) -> Path:
+    """Write OUT/REPORT.md and OUT/figures/*.png for the runs at or below ``paths``."""
+    runs = sorted((load_run(p, costs) for p in find_runs(paths)), key=_sort_key)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", "",
+          f"{len(runs)} run folder(s). Accuracy: best test accuracy over the epochs (for ECG: per labelled "
+          "time step); Fr: spikes per neuron per time step over all recurrent layers on the test set, at the best "
+          "epoch. Parameters: trainable parameters, including time constants.", "",
+          *([f"Generated with `{command}`.", ""] if command else []),
+          "## Results", "", results_table(runs), ""]
+    incomplete = [f"{r.name} ({'; '.join(r.notes)})" for r in runs if r.notes]
+    if incomplete:
+        md += ["Runs that did not finish their configured epochs: " + ", ".join(incomplete) + ".", ""]
+    md += ["## Theoretical energy", "",
+           f"Per sample over its T time steps (T = config `seq_len`), E_MAC = {costs.e_mac:g} pJ, "
+           f"E_AC = {costs.e_ac:g} pJ (45 nm, 32-bit float, Horowitz 2014). Formulas in `srnn_fast/energy.py`: "
+           "spiking layers (mn + nn) E_AC Fr, adaptive + 2n E_AC Fr + 2n E_MAC; vanilla RNN (mn + nn) E_MAC; "
+           "RELU SRNN (mn + nn + 4n) E_MAC; LSTM (4mn + 4nn + 3n) E_MAC; Bi-LSTM twice; GRU (3mn + 3nn + 3n) "
+           "E_MAC (not in the method). Analog inputs (MNIST RBF / analog encodings) cost MACs without Fr. The "
+           "readout is counted too (integrator: synapses + n MAC decay; linear readout of the baselines: mn MAC, "
+           "once per sequence when it decodes only the last step). 'energy / sample' uses the method's single "
+           "overall Fr; 'per-layer Fr' uses each presynaptic layer's own rate. Relative columns: the task's "
+           "adaptive SRNN (highest accuracy) is the unit; relative energy compares energy per time step for "
+           "streaming tasks (per-step decoding: ECG, whose samples are windows of a recording) and per sample "
+           "otherwise; relative error = (1 - acc) / (1 - acc of the unit).", "",
+           energy_table(runs), ""]
+    fig_lines = []
+    if plot_pareto(runs, figs / "pareto.png"):
+        fig_lines.append("![energy ratio vs error ratio](figures/pareto.png)")
+    if plot_acc_vs_fr(runs, figs / "acc_vs_fr.png"):
+        fig_lines.append("![accuracy vs firing rate](figures/acc_vs_fr.png)")
+    md += ["## Figures", "", *[f"{l}\n" for l in fig_lines]]
+    measured = []
+    for r in runs:
+        if r.metrics.get("epochs"):
+            name = f"curve_{_slug(r.name)}.png"
+            plot_learning_curve(r, figs / name)
+            md.append(f"Learning curve, {r.name}:\n\n![learning curve {r.name}](figures/{name})\n")
+        if r.model in ("adaptive", "lif", "relu"):
+            init, trained = initial_and_trained(r)
+            name = f"tau_{_slug(r.name)}.png"
+            plot_taus(r, init, trained, figs / name)
+            md.append(f"Time constants, {r.name}:\n\n![tau histograms {r.name}](figures/{name})\n")
+            if measure and trained is not None and r.model in SPIKING and r.fr is not None:
+                try:
+                    measured.append(measure_run(r, trained, data_dir, measure_limit, batch_size, costs))
+                except (OSError, ValueError) as e:  # the data are missing here: say so in the report
+                    measured.append(f"**{r.name}**: not measured ({type(e).__name__}: {e})")
+    if measure:
+        md += ["## Measured operations vs the formula", "",
+               "The trained model (best.pt) runs on test samples; every nonzero presynaptic value triggers one "
+               "accumulate per postsynaptic neuron (AC for a spike, MAC for an analog value), plus the neuron "
+               "state updates of the formula. A zero analog input (e.g. an RBF channel far from the pixel value) "
+               "triggers nothing here, while the formula counts every analog synapse at every step. 'input rate': "
+               "nonzero inputs per input channel per step. 'method (single Fr)': the formula with the run's overall "
+               "test Fr; 'per-layer Fr': the formula with the rates measured here.", "", "\n\n".join(measured), ""]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m srnn_fast.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIRS", help="run folders, or folders holding run folders")
+    p.add_argument("--out", default="results", help="writes OUT/REPORT.md and OUT/figures/*.png")
+    p.add_argument("--title", default="Results")
+    p.add_argument("--e-mac", type=float, default=EnergyCosts.e_mac, help="energy of a MAC in pJ")
+    p.add_argument("--e-ac", type=float, default=EnergyCosts.e_ac, help="energy of an AC in pJ")
+    p.add_argument("--measure", action="store_true", help="count the operations of the trained spiking models on "
+                   "test data (needs the data: --data-dir or the runs' own)")
+    p.add_argument("--data-dir", help="folder with qtdb/, mnist/, shd/ (default: the run's, else $SRNN_FAST_DATA)")
+    p.add_argument("--measure-limit", type=int, default=256, help="test samples per run for --measure")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    command = shlex.join(["python", "-m", "srnn_fast.report", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        costs = EnergyCosts(args.e_mac, args.e_ac)
+        path = write_report(args.runs, Path(args.out), costs=costs, measure=args.measure, data_dir=args.data_dir,
+                            measure_limit=args.measure_limit, batch_size=args.batch_size, title=args.title,
+                            command=command)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        p.error(str(e))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

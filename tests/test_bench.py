@@ -1,0 +1,28 @@
+"""bench/run.py --quick runs end to end (CI): every contender measured or its failure
+recorded, JSON and Markdown written. Nothing is asserted about speed."""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import run as bench  # noqa: E402
+
+
+def test_quick_run(tmp_path):
+    assert bench.main(["--quick", "--shapes", "ecg", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = report["results"]["ecg"]
+    assert set(rows) == {"cpp", "reference", "compiled_reference", "lstm", "gru", "rnn"}
+    for name in ("cpp", "reference", "lstm", "gru", "rnn"):
+        assert rows[name]["fwd_ms"] > 0 and rows[name]["fwd_bwd_ms"] > 0 and rows[name]["saved_bytes"] > 0, name
+    assert "skipped" in rows["compiled_reference"]["note"]
+    peers = {r["peer"] for r in report["ratios"] if r["fused"] == "cpp"}
+    assert peers == {"reference", "lstm", "gru", "rnn"}
+    assert "| ecg | cpp |" in (tmp_path / "results.md").read_text()
+
+
+def test_fused_backends_on_cpu_exclude_the_triton_interpreter():
+    assert "triton" not in bench.fused_backends(torch.device("cpu"))
+    assert "cpp" in bench.fused_backends(torch.device("cpu"))

@@ -1,0 +1,164 @@
+"""The training CLI: a smoke run per task on tiny synthetic data, exact resume, DDP = one process, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from srnn_fast import train as T
+from srnn_fast.baselines import RNNBaseline
+from srnn_fast.data.synthetic import write_tiny
+
+TASKS = ("ecg", "smnist", "psmnist", "shd")
+# Small but real-layout runs: a few steps, small batches, single thread.
+TINY = {"ecg": ["--seq-len", "120"], "smnist": ["--window", "28", "--encoding", "window"],
+        "psmnist": ["--window", "28", "--encoding", "window"], "shd": ["--frame-ms", "10"]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for task in ("ecg", "smnist", "shd"):
+        write_tiny(task, root)
+    return root
+
+
+def run(args, data_dir, out):
+    return T.main(["--data-dir", str(data_dir), "--out", str(out), "--threads", "1", "--quiet"] + args)
+
+
+@pytest.mark.parametrize("model", ["adaptive", "lstm"])
+@pytest.mark.parametrize("task", TASKS)
+def test_smoke_run_folder_complete(task, model, data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--task", task, "--model", model, "--epochs", "1", "--batch-size", "16"] + TINY[task],
+               data_dir, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.csv",
+                                                      "metrics.json"]
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("task", "model", "hidden_sizes", "input_size", "num_classes", "neuron", "seed", "lr", "lr_tau",
+                "epochs", "batch_size", "backend", "device", "data", "params"):
+        assert key in cfg, key
+    assert cfg["hidden_sizes"] == T.PRESETS[task]["hidden_sizes"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["epochs"]] == [1]
+    e = m["epochs"][0]
+    assert 0.0 <= e["test_acc"] <= 1.0 and 0.0 <= e["train_acc"] <= 1.0 and e["loss"] > 0
+    if model == "adaptive":
+        assert len(e["fr_layers"]) == len(cfg["hidden_sizes"]) and 0.0 <= e["fr"] <= 1.0
+    else:
+        assert e["fr"] is None and e["fr_layers"] is None
+    assert m["params"] == cfg["params"] and m["best_epoch"] == 1
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,train_acc,test_acc")
+    # The report helper reloads checkpoints through build_model(config).
+    ckpt = torch.load(out / "best.pt", weights_only=False)
+    net = T.build_model(cfg)
+    net.load_state_dict(ckpt["model"])
+    assert sum(p.numel() for p in net.parameters()) == cfg["params"]
+    x = torch.zeros(2, cfg["seq_len"], cfg["input_size"])
+    logits = net(x)
+    assert logits.shape == ((2, cfg["seq_len"], cfg["num_classes"]) if task == "ecg" else (2, cfg["num_classes"]))
+
+
+def _params(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_resume_is_bit_exact(data_dir, tmp_path):
+    args = ["--task", "ecg", "--batch-size", "8"] + TINY["ecg"]
+    run(args + ["--epochs", "3"], data_dir, tmp_path / "full")
+    run(args + ["--epochs", "2"], data_dir, tmp_path / "part")
+    assert T.main(["--resume", str(tmp_path / "part"), "--epochs", "3", "--quiet"]) == 0
+    full, part = _params(tmp_path / "full" / "last.pt"), _params(tmp_path / "part" / "last.pt")
+    assert full.keys() == part.keys()
+    for k in full:
+        assert torch.equal(full[k], part[k]), k
+    # Resuming must not be a no-op: epoch 3 changed the parameters of epoch 2.
+    m = json.loads((tmp_path / "part" / "metrics.json").read_text())
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2, 3]
+    m_full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert [e["test_acc"] for e in m["epochs"]] == [e["test_acc"] for e in m_full["epochs"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["ecg", "shd"])
+def test_ddp_two_processes_equal_one(task, data_dir, tmp_path):
+    # float64 and zero initial membranes: the only difference left is the split of each global
+    # batch over ranks, which the loss weighting must make irrelevant (ECG: the ranks hold
+    # different numbers of labelled steps).
+    args = ["--task", task, "--epochs", "2", "--batch-size", "12", "--dtype", "float64", "--init-state", "zeros",
+            "--threads", "1", "--quiet", "--data-dir", str(data_dir)] + TINY[task]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "srnn_fast.train", "--out", str(tmp_path / "two")] + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert T.main(["--out", str(tmp_path / "one")] + args) == 0
+    one, two = _params(tmp_path / "one" / "last.pt"), _params(tmp_path / "two" / "last.pt")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_loss_terms_ignore_unlabelled_steps():
+    logits = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [9.0, 0.0]]])  # [B=1, T=3, C=2]
+    y = torch.tensor([[0, 0, -1]])
+    loss_sum, count, correct = T.loss_terms(logits, y)
+    assert count.item() == 2 and correct.item() == 1
+    expected = torch.nn.functional.cross_entropy(logits[0, :2], y[0, :2], reduction="sum")
+    torch.testing.assert_close(loss_sum, expected)
+
+
+def test_global_batches_split_and_drop():
+    g = torch.Generator().manual_seed(0)
+    batches = T.global_batches(10, 4, 3, g)
+    assert [len(b) for b in batches] == [4, 4]  # the last batch of 2 < 3 ranks is dropped
+    assert len(set(sum(batches, []))) == 8
+
+
+def test_tau_learning_rate_group():
+    net = T.build_model({"model": "adaptive", "input_size": 4, "hidden_sizes": [8], "num_classes": 3,
+                         "readout": "integrator", "decode": "mean", "backend": "reference", "tau_out_init": [20, 5],
+                         "tau_m_init": [20, 5], "tau_adp_init": [150, 10], "b0": 0.01, "surrogate": "gaussian",
+                         "init_state": "uniform"})
+    groups = T.param_groups(net, 1e-2, 3e-2)
+    assert [g["lr"] for g in groups] == [1e-2, 3e-2]
+    assert len(groups[1]["params"]) == 3  # tau_m, tau_adp, tau_out
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn", "bilstm"])
+def test_baselines_shapes_and_direction(kind):
+    torch.manual_seed(0)
+    net = RNNBaseline(kind, 4, [6, 5], 3)
+    x = torch.randn(2, 7, 4)
+    assert net(x).shape == (2, 3)
+    per_step = RNNBaseline(kind, 4, [6], 3, decode="per_step")
+    assert per_step(x).shape == (2, 7, 3)
+    # The classification output depends on the first step for every kind (bilstm via its
+    # backward direction at t = 1, the others through the recurrence).
+    x2 = x.clone()
+    x2[:, 0] += 1
+    assert not torch.allclose(net(x), net(x2))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--task is required"),
+    (["--task", "mnist"], "invalid choice"),
+    (["--task", "ecg", "--lr", "-1"], "expected a positive float"),
+    (["--task", "ecg", "--hidden-sizes", "a,b"], "comma-separated layer widths"),
+    (["--task", "ecg", "--tau-m-init", "20"], "MEAN,STD"),
+    (["--task", "smnist", "--seq-len", "100"], "--seq-len does not apply to --task smnist"),
+    (["--task", "shd", "--frame-ms", "5"], "invalid choice"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        T.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        T.main(["--resume", str(tmp_path)])
