@@ -49,6 +49,22 @@ inline void check_x_dtype(const at::Tensor& x_proj, at::ScalarType state) {
               " like w_rec, or float16/bfloat16 with float32 w_rec; got ", describe(x_proj));
 }
 
+// The tensors every scan op takes (parameters and initial state), in the state dtype of
+// w_rec and on `device`.
+inline void check_scan_params(const at::Tensor& w_rec, const at::Tensor& alpha, const at::Tensor& rho,
+                              const at::Tensor& u0, const at::Tensor& eta0, const at::Tensor& s0, int64_t B,
+                              int64_t H, const at::Device& device) {
+  TORCH_CHECK(w_rec.defined(), "srnn_fast: w_rec must be a tensor; got an undefined tensor");
+  check_state_dtype(w_rec);
+  const auto dtype = w_rec.scalar_type();
+  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dtype, device);
+  check_input(alpha, "alpha", {H}, "[H]", dtype, device);
+  check_input(rho, "rho", {H}, "[H]", dtype, device);
+  check_input(u0, "u0", {B, H}, "[B, H]", dtype, device);
+  check_input(eta0, "eta0", {B, H}, "[B, H]", dtype, device);
+  check_input(s0, "s0", {B, H}, "[B, H]", dtype, device);
+}
+
 inline void check_surrogate(int64_t surrogate) {
   TORCH_CHECK(surrogate == 0 || surrogate == 1,
               "srnn_fast: surrogate must be 0 (gaussian) or 1 (multi_gaussian); got ", surrogate);

@@ -290,13 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd_
   TORCH_CHECK(w_rec.defined(), "srnn_fast: w_rec must be a tensor; got an undefined tensor");
   check_state_dtype(w_rec);
   const auto dtype = w_rec.scalar_type();
-  check_x_dtype(x_proj, dtype);
-  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dtype, dev);
-  check_input(alpha, "alpha", {H}, "[H]", dtype, dev);
-  check_input(rho, "rho", {H}, "[H]", dtype, dev);
-  check_input(u0, "u0", {B, H}, "[B, H]", dtype, dev);
-  check_input(eta0, "eta0", {B, H}, "[B, H]", dtype, dev);
-  check_input(s0, "s0", {B, H}, "[B, H]", dtype, dev);
+  check_x_dtype(x_proj, dtype);  // before the rest: a dtype mismatch is named as x_proj vs w_rec
+  check_scan_params(w_rec, alpha, rho, u0, eta0, s0, B, H, dev);
 
   const auto opts = w_rec.options();
   at::Tensor s = new_output({T_, B, H}, opts);
@@ -489,19 +484,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t T_ = grad_s.size(0), B = grad_s.size(1), H = grad_s.size(2);
   TORCH_CHECK(T_ >= 1 && B >= 1 && H >= 1, "srnn_fast: grad_s must have T, B, H >= 1; got ", describe(grad_s));
   check_surrogate(surrogate);
-  TORCH_CHECK(w_rec.defined(), "srnn_fast: w_rec must be a tensor; got an undefined tensor");
-  check_state_dtype(w_rec);
-  const auto dtype = w_rec.scalar_type();
   const at::Device dev = grad_s.device();
+  check_scan_params(w_rec, alpha, rho, u0, eta0, s0, B, H, dev);
+  const auto dtype = w_rec.scalar_type();
   check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);
   check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, dev);
   check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, dev);
-  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dtype, dev);
-  check_input(alpha, "alpha", {H}, "[H]", dtype, dev);
-  check_input(rho, "rho", {H}, "[H]", dtype, dev);
-  check_input(u0, "u0", {B, H}, "[B, H]", dtype, dev);
-  check_input(eta0, "eta0", {B, H}, "[B, H]", dtype, dev);
-  check_input(s0, "s0", {B, H}, "[B, H]", dtype, dev);
   check_input(u_seq, "u_seq", {T_, B, H}, "[T, B, H]", dtype, dev);
   if (binary)
     check_input(spikes, "spikes (spike bits)", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, dev);

@@ -426,16 +426,9 @@ void allow_smem(Kernel kernel, size_t bytes) {
 
 void check_common(const at::Tensor& w_rec, const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0,
                   const at::Tensor& eta0, const at::Tensor& s0, int64_t B, int64_t H) {
-  check_state_dtype(w_rec);
-  const auto dt = w_rec.scalar_type();
-  const auto dev = w_rec.device();
-  TORCH_CHECK(dev.is_cuda(), "srnn_fast: the CUDA kernels need CUDA tensors; w_rec is ", describe(w_rec));
-  check_input(w_rec, "w_rec", {H, H}, "[H, H]", dt, dev);
-  check_input(alpha, "alpha", {H}, "[H]", dt, dev);
-  check_input(rho, "rho", {H}, "[H]", dt, dev);
-  check_input(u0, "u0", {B, H}, "[B, H]", dt, dev);
-  check_input(eta0, "eta0", {B, H}, "[B, H]", dt, dev);
-  check_input(s0, "s0", {B, H}, "[B, H]", dt, dev);
+  TORCH_CHECK(w_rec.defined() && w_rec.device().is_cuda(), "srnn_fast: the CUDA kernels need CUDA tensors; w_rec is ",
+              w_rec.defined() ? describe(w_rec) : std::string("an undefined tensor"));
+  check_scan_params(w_rec, alpha, rho, u0, eta0, s0, B, H, w_rec.device());
   TORCH_CHECK(H <= std::numeric_limits<int>::max() / 32 && B <= std::numeric_limits<int>::max(),
               "srnn_fast: B and H must fit 32-bit indices; got B = ", B, ", H = ", H);
 }
