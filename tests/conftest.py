@@ -10,3 +10,23 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/scan_cases.py
+
+
+try:  # the GPU machine has no wfdb: QTDB/ECG tests skip there instead of failing
+    import wfdb  # noqa: F401
+    HAVE_WFDB = True
+except ImportError:
+    HAVE_WFDB = False
+
+_NEEDS_WFDB = ("ecg", "qtdb", "wfdb", "label_rule", "split_by_record", "resume_is_bit_exact")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_WFDB:
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs wfdb (pip install wfdb) for QTDB records")
+    for item in items:
+        if any(k in item.nodeid.lower() for k in _NEEDS_WFDB):
+            item.add_marker(skip)
