@@ -44,6 +44,16 @@ def _spike_grad(v, prm_ptr, BINARY: tl.constexpr, SURROGATE: tl.constexpr):
 
 
 @triton.jit
+def _load_decay(alpha_ptr, rho_ptr, prm_ptr, cols, col_ok):
+    """Per-neuron decays ([1, BLOCK_H]) and the scan's scalars, as csrc/srnn_neuron.h's Decay."""
+    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    rho = tl.load(rho_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    r_m = tl.load(prm_ptr + P_RM)
+    return (alpha, rho, tl.load(prm_ptr + P_B0), tl.load(prm_ptr + P_BETA), tl.load(prm_ptr + P_DT), r_m,
+            (1 - alpha) * r_m, 1 - rho)
+
+
+@triton.jit
 def _load_spikes(spk_ptr, k, rows, cols, mask, B, H, NW, BINARY: tl.constexpr, dtype: tl.constexpr):
     """s at step index k as [BLOCK_B, BLOCK_H] in ``dtype``: unpacked from the int32 bit
     words (binary) or read from the saved relu activations."""
@@ -77,14 +87,7 @@ def scan_fwd_kernel(x_ptr, xs_t, xs_b, xs_h,  # x_proj [T, B, H], any strides, s
 
     # W^T [BLOCK_H, BLOCK_H]: I_t = x_t + s_{t-1} @ W^T. Zero padding keeps the tail silent.
     wt = tl.load(w_ptr + cols[None, :] * H + cols[:, None], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    rho = tl.load(rho_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    b0 = tl.load(prm_ptr + P_B0)
-    beta = tl.load(prm_ptr + P_BETA)
-    dt = tl.load(prm_ptr + P_DT)
-    r_m = tl.load(prm_ptr + P_RM)
-    in_gain = (1 - alpha) * r_m
-    one_m_rho = 1 - rho
+    alpha, rho, b0, beta, dt, r_m, in_gain, one_m_rho = _load_decay(alpha_ptr, rho_ptr, prm_ptr, cols, col_ok)
 
     u = tl.load(u0_ptr + bh, mask=mask, other=0.0)
     eta = tl.load(eta0_ptr + bh, mask=mask, other=0.0)
@@ -148,14 +151,7 @@ def scan_bwd_kernel(gs_ptr, guT_ptr, getaT_ptr,  # [T, B, H], [B, H], [B, H] con
 
     # W [BLOCK_H, BLOCK_H]: dL/ds_{t-1} gets dI_t @ W.
     w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-    alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    rho = tl.load(rho_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    b0 = tl.load(prm_ptr + P_B0)
-    beta = tl.load(prm_ptr + P_BETA)
-    dt = tl.load(prm_ptr + P_DT)
-    r_m = tl.load(prm_ptr + P_RM)
-    in_gain = (1 - alpha) * r_m
-    one_m_rho = 1 - rho
+    alpha, rho, b0, beta, dt, r_m, in_gain, one_m_rho = _load_decay(alpha_ptr, rho_ptr, prm_ptr, cols, col_ok)
     u0 = tl.load(u0_ptr + bh, mask=mask, other=0.0)
     eta0 = tl.load(eta0_ptr + bh, mask=mask, other=0.0)
     s0 = tl.load(s0_ptr + bh, mask=mask, other=0.0)
