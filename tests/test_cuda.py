@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from scan_cases import (FLOAT32_TOL, case_id, check_float32, check_float64, fused, make_case, reference,
-                        rel_err)
+from scan_cases import (FLOAT32_TOL, case_id, check_compile_matches_eager, check_float32, check_float64, fused,
+                        make_case, reference, rel_err)
 import srnn_fast
 from srnn_fast import BackendUnavailableError
 from srnn_fast.scan import pack_spikes, resolve_backend
@@ -212,20 +212,4 @@ def test_compile_without_graph_breaks():
     """A model on the cuda backend compiles as one graph (fullgraph=True), forward and
     backward, and matches eager. aot_eager checks tracing and the fake kernels on CUDA
     tensors without inductor's compile time."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = srnn_fast.AdaptiveSRNN(3, [16], 4, backend="cuda", decode="mean").double().cuda()
-    x = torch.randn(20, 2, 3, dtype=torch.float64, device="cuda")
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-
-    def loss_and_grads(model):
-        torch.manual_seed(1)  # the same random initial membrane in both runs
-        loss = model(x).square().sum()
-        return loss, torch.autograd.grad(loss, list(net.parameters()))
-
-    eager = loss_and_grads(net)
-    net.load_state_dict(state)
-    compiled = loss_and_grads(torch.compile(net, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
-    for g_c, g_e in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(g_c, g_e, rtol=1e-10, atol=1e-14)
+    check_compile_matches_eager("cuda", "cuda")

@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import srnn_fast
-from scan_cases import make_case
+from scan_cases import check_compile_matches_eager, make_case
 from srnn_fast import _ops, scan
 from srnn_fast.scan import BackendUnavailableError, pack_spikes
 
@@ -40,23 +40,7 @@ def test_opcheck_bwd(binary):
 def test_compile_without_graph_breaks():
     """A model using the cpp backend compiles as one graph (fullgraph=True fails on any
     break), forward and backward, and matches eager."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = srnn_fast.AdaptiveSRNN(3, [16], 4, backend="cpp", decode="mean").double()
-    x = torch.randn(20, 2, 3, dtype=torch.float64)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
-
-    def loss_and_grads(model):
-        torch.manual_seed(1)  # the same random initial membrane in both runs
-        loss = model(x).square().sum()
-        return loss, torch.autograd.grad(loss, [p for p in net.parameters()])
-
-    eager = loss_and_grads(net)
-    net.load_state_dict(state)
-    compiled = loss_and_grads(torch.compile(net, backend="aot_eager", fullgraph=True))
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
-    for g_c, g_e in zip(compiled[1], eager[1]):
-        torch.testing.assert_close(g_c, g_e, rtol=1e-10, atol=1e-14)
+    check_compile_matches_eager("cpp", "cpu")
 
 
 class OpLog(TorchDispatchMode):
