@@ -32,15 +32,20 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
     return statistics.median(times)
 
 
-def saved_bytes(fn: Callable[[], object]) -> int:
+def saved_bytes(fn: Callable[[], object], exclude=()) -> int:
     """Bytes autograd keeps for backward while fn() runs: every tensor saved by any node
     (torch.autograd.graph.saved_tensors_hooks), counted once per storage, whole storage
-    (a view saved by several ops, or slices of one tensor saved by several steps, count once)."""
+    (a view saved by several ops, or slices of one tensor saved by several steps, count once).
+    Storages of the tensors in ``exclude`` (the caller's inputs and parameters, which exist
+    with or without the graph) are not counted."""
+    skip = {(t.device, t.untyped_storage().data_ptr()) for t in exclude if t is not None}
     storages = {}
 
     def pack(t: torch.Tensor):
         st = t.untyped_storage()
-        storages[(t.device, st.data_ptr())] = st.nbytes()
+        key = (t.device, st.data_ptr())
+        if key not in skip:
+            storages[key] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -8,7 +8,8 @@ inputs, float32. "fwd" runs under torch.no_grad() (the fused backends' inference
 medians of --repeats calls after --warmup calls, device-synchronized.
 
 Memory: "saved" is what autograd keeps for backward during the fwd+bwd forward (every saved
-tensor, once per storage; parameters and the input included, for every contender alike).
+tensor, once per storage), beyond the input and the parameters, which exist anyway (for
+every contender alike).
 "peak" is torch.cuda.max_memory_allocated during fwd+bwd on CUDA; on the CPU it is not
 measured (torch's CPU allocator has no peak counter) and "saved" stands for it.
 
@@ -135,7 +136,7 @@ def measure(contender: str, shape: dict, device, repeats: int, warmup: int) -> d
            "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, device, repeats, warmup, clear),
            "first_call_s": first_s}
     clear()
-    res["saved_bytes"] = saved_bytes(lambda: model(x))
+    res["saved_bytes"] = saved_bytes(lambda: model(x), exclude=[x, *model.parameters()])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -194,6 +195,13 @@ def fmt(v, unit=""):
     return f"{v:.1f}{unit}" if isinstance(v, float) else str(v)
 
 
+def fmt_ratio(v) -> str:
+    """A bytes ratio as '0.021 (1/48)'."""
+    if v is None:
+        return "-"
+    return f"{v:.3f} (1/{1 / v:.0f})" if 0 < v < 1 else f"{v:.3f}"
+
+
 def markdown(report: dict) -> str:
     m = report["meta"]
     lines = [f"Device: {m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
@@ -210,7 +218,7 @@ def markdown(report: dict) -> str:
               "| shape | fused | peer | fwd | fwd+bwd | saved bytes, fused / peer |", "|---|---|---|---:|---:|---:|"]
     for row in report["ratios"]:
         lines.append(f"| {row['shape']} | {row['fused']} | {row['peer']} | {fmt(row['fwd'], 'x')} | "
-                     f"{fmt(row['fwd_bwd'], 'x')} | {fmt(row['saved'])} |")
+                     f"{fmt(row['fwd_bwd'], 'x')} | {fmt_ratio(row['saved'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,4 +27,16 @@ TORCH_LIBRARY(srnn_fast, m) {
   // [T,B,ceil(H/32)] (s_0 = s0), accumulating dI rows over the active columns only.
   // Backends without it unpack the bits and run one GEMM in Python (scan.py).
   m.def("grad_w_rec(Tensor grad_x, Tensor spk_bits, Tensor s0) -> Tensor");
+  // The fused layer (input projection + recurrence), CPU: contract in srnn_fast/layer.py.
+  m.def(
+      "layer_fwd(Tensor x, Tensor w_in, Tensor? bias, Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, "
+      "Tensor eta0, Tensor s0, bool binary, float b0, float beta, float dt, float r_m, int ckpt_every) "
+      "-> (Tensor s, Tensor u_T, Tensor eta_T, Tensor u_ckpt, Tensor eta_ckpt, Tensor spk_bits)");
+  m.def(
+      "layer_bwd(Tensor grad_s, Tensor grad_u_T, Tensor grad_eta_T, Tensor x, Tensor w_in, Tensor? bias, "
+      "Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, Tensor eta0, Tensor s0, Tensor u_ckpt, "
+      "Tensor eta_ckpt, Tensor spikes, bool binary, int surrogate, float b0, float beta, float dt, float r_m, "
+      "float sigma, float gamma, int ckpt_every, bool need_grad_x) "
+      "-> (Tensor grad_x, Tensor grad_w_in, Tensor grad_bias, Tensor grad_w_rec, Tensor grad_alpha, "
+      "Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
 }

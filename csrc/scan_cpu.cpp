@@ -13,181 +13,10 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-#include "srnn_neuron.h"
-
-// Hot loops are compiled per x86 vector width (see SRNN_DEFINE_ROWS); elsewhere, one build.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define SRNN_CLONES
-#endif
-#define SRNN_INLINE inline __attribute__((always_inline))
+#include "cpu_kernels.h"
 
 namespace srnn {
 namespace {
-
-// SRNN_FAST_POISON=1 fills every output with NaN (spike words with all bits set) before
-// the kernels run, so a test sees any element a kernel forgot to write.
-bool poison_outputs() {
-  const char* v = std::getenv("SRNN_FAST_POISON");
-  return v != nullptr && v[0] == '1';
-}
-
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  at::Tensor t = at::empty(shape, opts);
-  if (poison_outputs()) {
-    if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
-    else t.fill_(-1);
-  }
-  return t;
-}
-
-// alpha and rho come from exp(-dt / tau) in Python; a NaN/inf tau or an alpha of 1 (tau too
-// large for the dtype) would silently poison the gradients, so refuse them here. alpha = 1
-// also breaks the dL/dalpha identity (division by 1 - alpha, see srnn_neuron.h).
-template <typename T>
-void check_decay_values(const at::Tensor& t, const char* name, const char* tau, bool allow_one) {
-  const T* p = t.data_ptr<T>();
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    const bool ok = std::isfinite(p[i]) && p[i] >= T(0) && (allow_one ? p[i] <= T(1) : p[i] < T(1));
-    TORCH_CHECK(ok, "srnn_fast: ", name, " = exp(-dt / ", tau, ") must be finite and in [0, ",
-                allow_one ? "1]" : "1)", " for every neuron; ", name, "[", i, "] = ", double(p[i]),
-                " (is ", tau, "[", i, "] non-finite, <= 0 or too large for the dtype?)");
-  }
-}
-
-template <typename To, typename From>
-SRNN_INLINE To bits_as(From x) {
-  static_assert(sizeof(To) == sizeof(From), "bit cast between types of one size");
-  To y;
-  std::memcpy(&y, &x, sizeof(To));
-  return y;
-}
-
-// exp(x) for x <= 0 (the surrogate's Gaussians) in plain arithmetic that vectorizes, unlike
-// a libm call: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its
-// Taylor series (to r^13 for double, r^7 for float: truncation below half an ulp), times 2^n
-// built in the exponent bits. Within a few ulp of libm's exp. Below exp(-708) (double) /
-// exp(-87) (float) it returns 0 where libm gives a subnormal or 0.
-struct SimdExp {
-  SRNN_INLINE double operator()(double x) const {
-    const double shifter = 0x1.8p52;  // adding it rounds x log2(e) to an integer n
-    const double xc = x < -708.0 ? -708.0 : x;
-    const double t = xc * 1.4426950408889634 + shifter;
-    const double n = t - shifter;
-    const double r = (xc - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
-    double q = 1.0 / 6227020800.0;
-    q = q * r + 1.0 / 479001600.0;
-    q = q * r + 1.0 / 39916800.0;
-    q = q * r + 1.0 / 3628800.0;
-    q = q * r + 1.0 / 362880.0;
-    q = q * r + 1.0 / 40320.0;
-    q = q * r + 1.0 / 5040.0;
-    q = q * r + 1.0 / 720.0;
-    q = q * r + 1.0 / 120.0;
-    q = q * r + 1.0 / 24.0;
-    q = q * r + 1.0 / 6.0;
-    q = q * r + 0.5;
-    q = q * r + 1.0;
-    q = q * r + 1.0;
-    const int64_t k = bits_as<int64_t>(t) - bits_as<int64_t>(shifter);  // n as an integer
-    const double scale = bits_as<double>(int64_t(uint64_t(k + 1023) << 52));
-    return x < -708.0 ? 0.0 : q * scale;
-  }
-  SRNN_INLINE float operator()(float x) const {
-    const float shifter = 0x1.8p23f;
-    const float xc = x < -87.0f ? -87.0f : x;
-    const float t = xc * 1.44269504f + shifter;
-    const float n = t - shifter;
-    const float r = (xc - n * 0x1.62e4p-1f) - n * 0x1.7f7d1cp-20f;
-    float q = 1.0f / 5040.0f;
-    q = q * r + 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    const int32_t k = bits_as<int32_t>(t) - bits_as<int32_t>(shifter);
-    const float scale = bits_as<float>(int32_t(uint32_t(k + 127) << 23));
-    return x < -87.0f ? 0.0f : q * scale;
-  }
-};
-
-// Rows of one batch entry at consecutive steps lie B * H apart in [T, B, H] tensors, too far
-// for the hardware prefetcher: without this, every step of the scan waits on a cache miss.
-constexpr int64_t kPrefetchSteps = 8;
-
-template <bool WRITE = false>
-SRNN_INLINE void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(c + k, WRITE ? 1 : 0);
-}
-
-// Row length of W copies, padded to whole 64-byte vectors so the W-row loops have no
-// scalar remainder (the padding is zeros and never reaches an output).
-int64_t padded(int64_t H, int64_t elem_bytes) {
-  const int64_t lanes = 64 / elem_bytes;
-  return (H + lanes - 1) / lanes * lanes;
-}
-
-// Per-neuron constants as separate arrays, so the per-step neuron loops vectorize.
-template <typename T>
-struct Neurons {
-  std::vector<T> alpha, rho, in_gain, one_m_rho, one_m_alpha;
-  Neurons(const T* a, const T* r, T r_m, int64_t H)
-      : alpha(H), rho(H), in_gain(H), one_m_rho(H), one_m_alpha(H) {
-    for (int64_t i = 0; i < H; ++i) {
-      const Decay<T> d = make_decay(a[i], r[i], r_m);
-      alpha[i] = d.alpha, rho[i] = d.rho, in_gain[i] = d.in_gain;
-      one_m_rho[i] = d.one_m_rho, one_m_alpha[i] = d.one_m_alpha;
-    }
-  }
-  Decay<T> at(int64_t i) const { return Decay<T>{alpha[i], rho[i], in_gain[i], one_m_rho[i], one_m_alpha[i]}; }
-};
-
-// Indices of the nonzero entries of s [H]; returns how many.
-template <typename T>
-int64_t active_set(const T* s, int64_t H, int32_t* idx) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < H; ++j)
-    if (s[j] != T(0)) idx[n++] = int32_t(j);
-  return n;
-}
-
-// acc [Hp] = W s over the active j only (wT [H, Hp], rows zero-padded to Hp): rows of W^T (wT [H, H]) summed, multiplied by s_j
-// unless every active s_j is 1 (binary spikes; multiplying by 1 would be exact anyway).
-template <typename T>
-void recurrent_input(const T* __restrict wT, const T* __restrict s, const int32_t* idx, int64_t n, bool unit,
-                     int64_t Hp, T* __restrict acc) {
-  for (int64_t i = 0; i < Hp; ++i) acc[i] = T(0);
-  for (int64_t k = 0; k < n; ++k) {
-    const T* __restrict w = wT + int64_t(idx[k]) * Hp;
-    if (unit) {
-      for (int64_t i = 0; i < Hp; ++i) acc[i] += w[i];
-    } else {
-      const T sj = s[idx[k]];
-      for (int64_t i = 0; i < Hp; ++i) acc[i] += sj * w[i];
-    }
-  }
-}
-
-// Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32.
-template <typename T>
-void pack_bits(const T* s, int64_t H, int32_t* bits) {
-  for (int64_t w = 0; w * 32 < H; ++w) {
-    uint32_t word = 0;
-    const int64_t n = std::min<int64_t>(32, H - w * 32);
-    for (int64_t k = 0; k < n; ++k) word |= uint32_t(s[w * 32 + k] != T(0)) << k;
-    bits[w] = int32_t(word);
-  }
-}
-
-template <typename T>
-void unpack_bits(const int32_t* __restrict bits, int64_t H, T* __restrict s) {
-  for (int64_t j = 0; j < H; ++j) s[j] = T((uint32_t(bits[j >> 5]) >> (j & 31)) & 1u);
-}
 
 // ---------------------------------------------------------------------------------------
 // Forward: rows [b_begin, b_end) over all T steps.
@@ -222,7 +51,7 @@ SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, cons
     std::memcpy(uu, a.u0 + b * H, H * sizeof(T));
     std::memcpy(ee, a.eta0 + b * H, H * sizeof(T));
     const T* s_prev = a.s0 + b * H;
-    int64_t n_active = active_set(s_prev, H, idx.data());
+    int64_t n_active = nonzero_index(s_prev, H, idx.data());
     bool unit = false;  // s0 is user state: multiply by its values
     for (int64_t t = 0; t < a.T_; ++t) {
       recurrent_input(a.wT, s_prev, idx.data(), n_active, unit, a.Hp, acc.data());
@@ -236,8 +65,7 @@ SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, cons
       const T* __restrict xt = a.x + off;
       const T* __restrict sp = s_prev;
       T* __restrict st = a.s + off;
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) st[i] = forward_step(p, nrn.at(i), T(xt[i] + ac[i]), sp[i], uu[i], ee[i]);
+      forward_neurons(p, nrn, H, xt, ac, sp, uu, ee, st);
       if (a.u_seq) std::memcpy(a.u_seq + off, uu, H * sizeof(T));
       s_prev = st;
       if (BINARY) {  // the active set from the packed bits: cost grows with the spike count
@@ -248,7 +76,7 @@ SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, cons
           for (uint32_t word = uint32_t(words[w]); word != 0; word &= word - 1)
             idx[n_active++] = int32_t(w * 32 + __builtin_ctz(word));
       } else {
-        n_active = active_set(st, H, idx.data());
+        n_active = nonzero_index(st, H, idx.data());
       }
       unit = BINARY;
     }
@@ -347,10 +175,6 @@ struct BwdArgs {
   int64_t T_, B, H, Hp;
 };
 
-// Rows are processed in blocks of kRowBlock in lockstep over t, so that each row of W read
-// for the W^T dI_t products serves every row of the block (W is streamed from L2 once per
-// block and step instead of once per row and step).
-constexpr int64_t kRowBlock = 4;
 
 template <typename T, bool BINARY>
 SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, const Neurons<T>& nrn,
@@ -360,7 +184,7 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
   const int64_t H = a.H, B = a.B, T_ = a.T_, W = spike_words(H), R = kRowBlock;
   std::vector<T> eta_all(R * (T_ + 1) * H);  // [R, T+1, H]: eta_0 .. eta_T of each row
   const int64_t Hp = a.Hp;
-  std::vector<T> s_buf(R * H), du(R * H), deta(R * H), ds(R * H), acc(R * Hp), sg(H);
+  std::vector<T> s_buf(R * Hp), du(R * H), deta(R * H), ds(R * H), sg(H), zeros(H, T(0));
   std::vector<double> dalpha(R * H), drho(R * H);
   // s_{t-1} [H] of row b for step t (1-based): s0, or the saved spikes of step t-1.
   auto s_prev_of = [&](int64_t b, int64_t t, T* buf) -> const T* {
@@ -400,7 +224,7 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
           if (BINARY) prefetch_row(a.bits + behind / H * W, W * sizeof(int32_t));
           else prefetch_row(a.s_seq + behind, H * sizeof(T));
         }
-        const T* __restrict sp = s_prev_of(b, t, s_buf.data() + r * H);
+        const T* __restrict sp = s_prev_of(b, t, s_buf.data() + r * Hp);
         const T* __restrict u_prev = t == 1 ? a.u0 + b * H : a.u_seq + off - B * H;
         const T* __restrict u_cur = a.u_seq + off;
         const T* __restrict e_prev = eta_all.data() + (r * (T_ + 1) + t - 1) * H;
@@ -412,42 +236,12 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
         T* __restrict ds_r = ds.data() + r * H;
         double* __restrict da_r = dalpha.data() + r * H;
         double* __restrict dr_r = drho.data() + r * H;
-        T* __restrict sgv = sg.data();
-        // The surrogate, one loop per kind so that each vectorizes whole (SimdExp).
-        if (p.surrogate == kGaussian) {
-          Params<T> q = p;
-          q.surrogate = kGaussian;
-#pragma omp simd
-          for (int64_t i = 0; i < H; ++i) sgv[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
-        } else {
-          Params<T> q = p;
-          q.surrogate = kMultiGaussian;
-#pragma omp simd
-          for (int64_t i = 0; i < H; ++i) sgv[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
-        }
-#pragma omp simd
-        for (int64_t i = 0; i < H; ++i) {
-          const StepGrads<T> g = backward_step_sg(p, nrn.at(i), sgv[i], u_prev[i], u_cur[i], e_prev[i], e_cur[i],
-                                                  sp[i], T(gs[i] + ds_r[i]), du_r[i], deta_r[i]);
-          dI[i] = g.d_current;
-          ds_r[i] = g.ds_prev;  // the local terms; W^T dI_t is added below
-          da_r[i] += double(g.dalpha_num);
-          dr_r[i] += double(g.drho);
-        }
+        backward_neurons<T, BINARY>(p, nrn, H, sg.data(), u_prev, u_cur, e_prev, e_cur, sp, gs, dI, ds_r, du_r,
+                                    deta_r, da_r, dr_r);
       }
-      // acc [nr, Hp] = (W^T dI_t) per row: rows of W scaled by dI_t[i], dense.
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t i = 0; i < H; ++i) {
-        const T* __restrict wi = a.w + i * Hp;
-        for (int64_t r = 0; r < nr; ++r) {
-          const T di = a.grad_x[((t - 1) * B + b0 + r) * H + i];
-          T* __restrict ac = acc.data() + r * Hp;
-#pragma omp simd
-          for (int64_t j = 0; j < Hp; ++j) ac[j] += di * wi[j];
-        }
-      }
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t j = 0; j < H; ++j) ds[r * H + j] += acc[r * Hp + j];
+      const T* dI_rows[kRowBlock];
+      for (int64_t r = 0; r < R; ++r) dI_rows[r] = r < nr ? a.grad_x + ((t - 1) * B + b0 + r) * H : zeros.data();
+      add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
     }
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t b = b0 + r;

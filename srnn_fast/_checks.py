@@ -137,3 +137,24 @@ def initial_state(B: int, H: int, b0: float, like: torch.Tensor) -> SRNNState:
     """The default initial state: u = 0, eta = b0, s = 0."""
     z = like.new_zeros(B, H)
     return SRNNState(z, torch.full_like(z, b0), z.clone())
+
+
+def check_layer_args(x, w_in, bias, w_rec, tau_m, tau_adp, state: Optional[SRNNState]) -> Optional[SRNNState]:
+    """check_scan_args for a layer: x [T, B, I], w_in [H, I], bias [H] or None, then the scan's
+    tensors as if x_proj were [T, B, H] (H from w_in)."""
+    x = _tensor("x", x)
+    if x.dim() != 3 or min(x.shape) < 1:
+        raise ValueError(f"x must be [T, B, I] with T, B, I >= 1; got {describe(x)}")
+    T, B, I = x.shape
+    w_in = _tensor("w_in", w_in)
+    if w_in.dim() != 2 or w_in.shape[1] != I or w_in.shape[0] < 1:
+        raise ValueError(f"w_in must be [H, I] with I = {I} (x's last dim); got {describe(w_in)}")
+    H = w_in.shape[0]
+    for name, t in (("x", x), ("w_in", w_in)) + ((("bias", _tensor("bias", bias)),) if bias is not None else ()):
+        if name == "bias" and t.shape != (H,):
+            raise ValueError(f"bias must be [H] = [{H}]; got {describe(t)}")
+        if t.dtype != getattr(w_rec, "dtype", t.dtype):
+            raise TypeError(f"{name} must have dtype {w_rec.dtype} like w_rec; got {describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on {x.device} like x; got {describe(t)}")
+    return check_scan_args(x.new_zeros(()).expand(T, B, H), w_rec, tau_m, tau_adp, state)

@@ -41,7 +41,28 @@ def _grad_w_rec_fake(grad_x, spk_bits, s0):
     return s0.new_empty((H, H))
 
 
+def _layer_fwd_fake(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0, binary, b0, beta, dt, r_m, ckpt_every):
+    """Shapes and dtypes of layer_fwd's outputs (the contract in srnn_fast/layer.py)."""
+    T, B, _ = x.shape
+    H = w_rec.shape[0]
+    C = -(-T // ckpt_every) if ckpt_every > 0 else 0
+    ckpt = (C, B, H) if ckpt_every > 0 else (0,)
+    bits = (T, B, _words(H)) if ckpt_every > 0 and binary else (0,)
+    return (w_rec.new_empty((T, B, H)), w_rec.new_empty((B, H)), w_rec.new_empty((B, H)), w_rec.new_empty(ckpt),
+            w_rec.new_empty(ckpt), w_rec.new_empty(bits, dtype=torch.int32))
+
+
+def _layer_bwd_fake(grad_s, grad_u_T, grad_eta_T, x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0, u_ckpt, eta_ckpt,
+                    spikes, binary, surrogate, b0, beta, dt, r_m, sigma, gamma, ckpt_every, need_grad_x):
+    H, B = w_rec.shape[0], u0.shape[0]
+    return (x.new_empty(x.shape if need_grad_x else (0,)), w_in.new_empty(w_in.shape),
+            w_rec.new_empty((H,) if bias is not None else (0,)), w_rec.new_empty((H, H)), alpha.new_empty((H,)),
+            alpha.new_empty((H,)), u0.new_empty((B, H)), u0.new_empty((B, H)), u0.new_empty((B, H)))
+
+
 if EXTENSION_ERROR is None:
     torch.library.register_fake("srnn_fast::scan_fwd")(_scan_fwd_fake)
     torch.library.register_fake("srnn_fast::scan_bwd")(_scan_bwd_fake)
     torch.library.register_fake("srnn_fast::grad_w_rec")(_grad_w_rec_fake)
+    torch.library.register_fake("srnn_fast::layer_fwd")(_layer_fwd_fake)
+    torch.library.register_fake("srnn_fast::layer_bwd")(_layer_bwd_fake)

@@ -206,7 +206,7 @@ def network_layers(config: dict) -> list:
     C = int(config["num_classes"])
     if spiking or model == "relu":
         readout = config.get("readout", "integrator")
-        kind = "adaptive" if readout == "spiking" else "integrator"
+        kind = "adaptive" if readout in ("spiking", "membrane") else "integrator"
         layers.append(LayerSpec("readout", kind, m, C, recurrent=False, input_spikes=spiking))
     else:
         layers.append(LayerSpec("readout", "linear", m, C, recurrent=False, input_spikes=False,

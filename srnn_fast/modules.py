@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from ._checks import SRNNState, _choice, check_backend, check_config
+from .layer import srnn_layer
 from .scan import srnn_scan
 
-READOUTS = ("integrator", "spiking")
+READOUTS = ("integrator", "spiking", "membrane")
 DECODERS = ("count", "last", "max", "mean", "per_step")
 INIT_STATES = ("uniform", "zeros")
 
@@ -19,8 +20,9 @@ def _normal_init(t: torch.Tensor, mean_std, floor: float) -> None:
         nn.init.normal_(t, mean, std).clamp_(min=floor)
 
 
-def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: int = 64) -> torch.Tensor:
-    """o_t = a o_{t-1} + (1 - a) y_t with a = exp(-dt / tau), o_0 = 0; y [T, B, C], tau [C].
+def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: int = 64,
+                    o0: torch.Tensor = None) -> torch.Tensor:
+    """o_t = a o_{t-1} + (1 - a) y_t with a = exp(-dt / tau), o_0 = ``o0`` (default 0); y [T, B, C], tau [C].
 
     Runs in chunks of ``chunk`` steps: within a chunk the recurrence is one batched matmul
     with the [C, L, L] matrix of powers a^(i - j), so the Python loop is T / chunk long.
@@ -32,7 +34,7 @@ def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: 
     decay = torch.exp(lag.clamp(min=0)[None] * log_a[:, None, None]) * (lag >= 0)  # [C, L, L]
     carry_pow = torch.exp((steps + 1)[:, None] * log_a[None, :])  # [L, C], a^(i+1)
     drive = (1 - torch.exp(log_a)) * y
-    out, o_prev = [], y.new_zeros(B, C)
+    out, o_prev = [], (y.new_zeros(B, C) if o0 is None else o0)
     for start in range(0, T, chunk):
         d = drive[start:start + chunk]
         n = d.shape[0]
@@ -40,6 +42,25 @@ def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: 
         out.append(o)
         o_prev = o[-1]
     return torch.cat(out)
+
+
+def membrane_trace(s: torch.Tensor, x_proj: torch.Tensor, tau_m: torch.Tensor, tau_adp: torch.Tensor,
+                   state: SRNNState, config) -> torch.Tensor:
+    """u_t for every step of a feed-forward (W_rec = 0) scan, rebuilt from its spikes s [T, B, H].
+
+    Given the spikes, eta and u are linear recurrences (section 1 of the spec):
+    eta_t = rho eta_{t-1} + (1 - rho) s_{t-1} and u_t = alpha u_{t-1} + (1 - alpha) y_t with
+    y_t = r_m x_proj[t] - theta_t s_{t-1} dt / (1 - alpha), so both are leaky integrations.
+    Autograd through this and through the scan that made s gives the reference's gradient of
+    a loss on u (the scan carries the surrogate path s_t <- u_t), without a Python loop over t.
+    """
+    c = config
+    s_prev = torch.cat([state.s.unsqueeze(0), s[:-1]])
+    eta = leaky_integrate(s_prev, tau_adp, c.dt, o0=state.eta)
+    theta = c.b0 + c.beta * eta
+    alpha = torch.exp(-c.dt / tau_m)
+    drive = c.r_m * x_proj - theta * s_prev * (c.dt / (1 - alpha))
+    return leaky_integrate(drive, tau_m, c.dt, o0=state.u)
 
 
 class SRNNLayer(nn.Module):
@@ -110,9 +131,9 @@ class SRNNLayer(nn.Module):
         elif unbatched:
             state = SRNNState(*(t.unsqueeze(0) for t in state))
         c = self.config
-        s, state = srnn_scan(self.input(x), self.w_rec, self.tau_m, self.tau_adp, state, neuron=c.neuron, b0=c.b0,
-                             beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate, sigma=c.sigma, gamma=c.gamma,
-                             backend=self.backend)
+        s, state = srnn_layer(x, self.input.weight, self.input.bias, self.w_rec, self.tau_m, self.tau_adp, state,
+                              neuron=c.neuron, b0=c.b0, beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate,
+                              sigma=c.sigma, gamma=c.gamma, backend=self.backend)
         if unbatched:
             return s.squeeze(1), SRNNState(*(t.squeeze(0) for t in state))
         return (s.transpose(0, 1) if self.batch_first else s), state
@@ -127,6 +148,8 @@ class AdaptiveSRNN(nn.Module):
 
     ``readout="integrator"``: o_t = a_o o_{t-1} + (1 - a_o)(W_out h_t + b), a_o = exp(-dt / tau_out),
     tau_out trainable. ``readout="spiking"``: a feed-forward adaptive spiking output layer, o_t its spikes.
+    ``readout="membrane"``: the same spiking output layer, o_t its membrane potential u_t (the
+    method's ECG network: the output neurons spike and reset, and their membrane is the logit).
     ``decode``: "count" (sum of output spikes; spiking readout only), "last" (o_T), "max" / "mean"
     over t, or "per_step" (o_t for every step: [T, B, C], or [B, T, C] with batch_first).
     ``forward(x) -> logits [B, C]``; ``forward(x, return_spikes=True)`` also returns the list
@@ -177,8 +200,17 @@ class AdaptiveSRNN(nn.Module):
             hidden.append(h)
         if self.readout == "integrator":
             o = leaky_integrate(self.output(h), self.tau_out, self.dt)
-        else:
+        elif self.readout == "spiking":
             o, _ = self.output(h)
+        else:
+            out = self.output
+            x_proj = out.input(h)
+            state = out.initial_state(h.shape[1])
+            c = out.config
+            s, _ = srnn_scan(x_proj, out.w_rec, out.tau_m, out.tau_adp, state, neuron=c.neuron, b0=c.b0,
+                             beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate, sigma=c.sigma,
+                             gamma=c.gamma, backend=out.backend)
+            o = membrane_trace(s, x_proj, out.tau_m, out.tau_adp, state, c)
         if self.decode == "count":
             logits = o.sum(0)
         elif self.decode == "last":

@@ -160,7 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-step", type=_positive(int), help="StepLR: decay every this many epochs")
     p.add_argument("--lr-gamma", type=_positive(float), help="StepLR: decay factor")
     p.add_argument("--hidden-sizes", type=_sizes, help="recurrent layer widths, e.g. 120,100")
-    p.add_argument("--readout", choices=("integrator", "spiking"))
+    p.add_argument("--readout", choices=("integrator", "spiking", "membrane"))
     p.add_argument("--decode", choices=("count", "last", "max", "mean", "per_step"))
     p.add_argument("--tau-m-init", type=_pair, help="MEAN,STD of the membrane time constants")
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")

@@ -118,9 +118,9 @@ def check_float32(got: dict, ref64: dict, tol: dict = FLOAT32_TOL):
     for k in ("u", "eta") if binary else ("u", "eta", "s"):
         e = rel_err(got[k], ref64[k])
         assert e <= tol["state_rel_err"], f"{k}: relative error {e:.2e}"
-    for k in NAMES:
-        e = rel_err(got[f"grad_{k}"], ref64[f"grad_{k}"])
-        assert e <= tol["grad_rel_err"], f"grad_{k}: relative error {e:.2e}"
+    for k in (k for k in ref64 if k.startswith("grad_")):
+        e = rel_err(got[k], ref64[k])
+        assert e <= tol["grad_rel_err"], f"{k}: relative error {e:.2e}"
 
 
 def check_compile_matches_eager(backend: str, device: str):

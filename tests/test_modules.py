@@ -13,7 +13,8 @@ T, B, I, C = 17, 3, 5, 4
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("readout,decode", [("integrator", "last"), ("integrator", "max"), ("integrator", "mean"),
                                             ("integrator", "per_step"), ("spiking", "count"),
-                                            ("spiking", "per_step")])
+                                            ("spiking", "per_step"), ("membrane", "per_step"),
+                                            ("membrane", "mean")])
 def test_network_shapes(readout, decode, batch_first):
     net = AdaptiveSRNN(I, [8, 6], C, readout=readout, decode=decode, batch_first=batch_first)
     x = torch.rand(B, T, I) if batch_first else torch.rand(T, B, I)
@@ -101,3 +102,38 @@ def test_tau_out_is_trained():
     net = AdaptiveSRNN(I, [8], C, decode="mean")
     net(torch.rand(T, B, I) * 3).sum().backward()
     assert net.tau_out.grad is not None and net.tau_out.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("neuron", ["adaptive", "lif"])
+def test_membrane_readout_matches_stepwise_reference(neuron):
+    """readout="membrane" rebuilds u_t from the output spikes; the reference run one step at a
+    time gives u_t directly (its final state): values and gradients must agree in float64."""
+    from srnn_fast.reference import srnn_scan_ref
+
+    torch.manual_seed(0)
+    net = AdaptiveSRNN(I, [8], C, neuron=neuron, readout="membrane", decode="per_step", dtype=torch.float64)
+    x = torch.rand(T, B, I, dtype=torch.float64) * 3
+    weights = torch.randn(T, B, C, dtype=torch.float64)
+
+    torch.manual_seed(1)
+    logits = net(x)
+    grads = torch.autograd.grad((logits * weights).sum(), list(net.parameters()))
+
+    torch.manual_seed(1)  # the same initial states, drawn in the same order
+    h, _ = net.layers[0](x)
+    out = net.output
+    state = out.initial_state(B)
+    x_proj = out.input(h)
+    c = out.config
+    us, spikes = [], 0.0
+    for t in range(T):
+        s, state = srnn_scan_ref(x_proj[t:t + 1], out.w_rec, out.tau_m, out.tau_adp, state, neuron=c.neuron,
+                                 b0=c.b0, beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate)
+        us.append(state.u)
+        spikes += float(s.detach().sum())
+    expected = torch.stack(us)
+    assert 0 < spikes < T * B * C  # the output neurons spike and reset, so the test can fail
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-12)
+    ref_grads = torch.autograd.grad((expected * weights).sum(), list(net.parameters()), allow_unused=True)
+    for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-9, atol=1e-12, msg=name)

@@ -1,0 +1,442 @@
+// CPU kernels of the fused SRNN *layer*: the input projection x_t W_in^T + b and the
+// recurrence of one layer over the whole sequence, forward and backward, in one op each.
+//
+// Against the scan ops (x_proj given) the layer ops:
+// - compute the input current inside the kernel, summing the W_in columns of the nonzero
+//   inputs only (spiking inputs are sparse), so no [T, B, H] x_proj is ever written;
+// - save for backward only the spike bits and the state (u, eta) every `ckpt_every` steps.
+//   Backward recomputes each segment of steps from its checkpoint with the same code as the
+//   forward (bit for bit: same inputs, same order of operations), then runs the segment
+//   backwards, and sums dW_in, db and dW_rec inside the kernel (dI is never written).
+// Contract: srnn_fast/layer.py. Neuron math: srnn_neuron.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu_kernels.h"
+
+namespace srnn {
+namespace {
+
+template <typename T>
+struct LayerArgs {
+  const T* x;         // [T, B, I] layer input
+  const T* winT;      // [I, Hp]: W_in^T, rows zero-padded (row k = column k of W_in)
+  const T* win;       // [H, Ip]: W_in, rows zero-padded (for dL/dx)
+  const T* bias;      // [Hp] (zeros without a bias)
+  const T* wT;        // [H, Hp]: W_rec^T (forward: sums over active columns)
+  const T* w;         // [H, Hp]: W_rec (backward: W^T dI)
+  const T* u0;        // [B, H]
+  const T* eta0;      // [B, H]
+  const T* s0;        // [B, H], any real values (user state)
+  int64_t T_, B, H, Hp, I, Ip, K;  // K: steps per checkpoint segment (0: save nothing)
+};
+
+// Scratch of one row for one step: the two halves of the input current.
+template <typename T>
+struct StepScratch {
+  std::vector<T> proj, rec;
+  explicit StepScratch(int64_t Hp) : proj(Hp), rec(Hp) {}
+};
+
+// The nonzero inputs x_t and the active previous spikes of one step (their indices), kept
+// by the backward's recomputation for the dW_in and dW_rec sums of the same step.
+struct Active {
+  int32_t* x;    // [I]
+  int32_t* s;    // [H]
+  int64_t nx, ns;
+};
+
+// One step of one row, the single definition used by the forward and by the backward's
+// recomputation: I_t = (b + W_in x_t) + W_rec s_{t-1}; u, eta advance in place; s_t out.
+template <typename T, bool BINARY>
+SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, const T* xt,
+                            const T* s_prev, StepScratch<T>& sc, Active& act, T* u, T* eta, T* s) {
+  act.nx = nonzero_index(xt, a.I, act.x);
+  sum_rows<T, false>(a.winT, a.Hp, act.x, act.nx, xt, a.bias, sc.proj.data());  // b + W_in x_t
+  act.ns = nonzero_index(s_prev, a.H, act.s);
+  recurrent_input(a.wT, s_prev, act.s, act.ns, false, a.Hp, sc.rec.data());
+  forward_neurons(p, nrn, a.H, sc.proj.data(), sc.rec.data(), s_prev, u, eta, s);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: rows [b_begin, b_end) over all T steps.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct LayerOut {
+  T* s;            // [T, B, H]
+  T* u_T;          // [B, H]
+  T* eta_T;        // [B, H]
+  T* u_ckpt;       // [C, B, H]: u after c * K steps (null: save nothing)
+  T* eta_ckpt;     // [C, B, H]
+  int32_t* bits;   // [T, B, W] (binary and saving) or null
+};
+
+template <typename T, bool BINARY>
+SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& params,
+                                    const Neurons<T>& nrn, int64_t b_begin, int64_t b_end) {
+  Params<T> p = params;
+  p.binary = BINARY;
+  const int64_t H = a.H, B = a.B, W = spike_words(H);
+  std::vector<T> u(H), eta(H);
+  StepScratch<T> sc(a.Hp);
+  std::vector<int32_t> xidx(a.I), sidx(H);
+  Active act{xidx.data(), sidx.data(), 0, 0};
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    std::memcpy(u.data(), a.u0 + b * H, H * sizeof(T));
+    std::memcpy(eta.data(), a.eta0 + b * H, H * sizeof(T));
+    const T* s_prev = a.s0 + b * H;
+    for (int64_t t = 0; t < a.T_; ++t) {
+      const int64_t row = t * B + b;
+      if (o.u_ckpt != nullptr && t % a.K == 0) {
+        const int64_t c = (t / a.K) * B + b;
+        std::memcpy(o.u_ckpt + c * H, u.data(), H * sizeof(T));
+        std::memcpy(o.eta_ckpt + c * H, eta.data(), H * sizeof(T));
+      }
+      if (t + kPrefetchSteps < a.T_) {
+        prefetch_row(a.x + (row + kPrefetchSteps * B) * a.I, a.I * sizeof(T));
+        prefetch_row<true>(o.s + (row + kPrefetchSteps * B) * H, H * sizeof(T));
+      }
+      T* st = o.s + row * H;
+      layer_step<T, BINARY>(a, p, nrn, a.x + row * a.I, s_prev, sc, act, u.data(), eta.data(), st);
+      if (BINARY && o.bits != nullptr) pack_bits(st, H, o.bits + row * W);
+      s_prev = st;
+    }
+    std::memcpy(o.u_T + b * H, u.data(), H * sizeof(T));
+    std::memcpy(o.eta_T + b * H, eta.data(), H * sizeof(T));
+  }
+}
+
+#define SRNN_LAYER_FWD(NAME, T, BINARY)                                                              \
+  SRNN_CLONES void NAME(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n, \
+                        int64_t b, int64_t e) {                                                     \
+    layer_forward_rows<T, BINARY>(a, o, p, n, b, e);                                                \
+  }
+SRNN_LAYER_FWD(layer_fwd_f32_bin, float, true)
+SRNN_LAYER_FWD(layer_fwd_f32_relu, float, false)
+SRNN_LAYER_FWD(layer_fwd_f64_bin, double, true)
+SRNN_LAYER_FWD(layer_fwd_f64_relu, double, false)
+#undef SRNN_LAYER_FWD
+
+template <typename T>
+void layer_forward_any(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n,
+                       int64_t b, int64_t e) {
+  if constexpr (std::is_same_v<T, float>) p.binary ? layer_fwd_f32_bin(a, o, p, n, b, e) : layer_fwd_f32_relu(a, o, p, n, b, e);
+  else p.binary ? layer_fwd_f64_bin(a, o, p, n, b, e) : layer_fwd_f64_relu(a, o, p, n, b, e);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: blocks of kRowBlock rows in lockstep, segments of K steps from the last.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+struct LayerGrads {
+  const T* grad_s;      // [T, B, H]
+  const T* grad_u_T;    // [B, H]
+  const T* grad_eta_T;  // [B, H]
+  const T* u_ckpt;      // [C, B, H]
+  const T* eta_ckpt;    // [C, B, H]
+  const int32_t* bits;  // [T, B, W] (binary) or null
+  const T* s_seq;       // [T, B, H] (relu) or null
+  T* grad_x;            // [T, B, I] or null (x needs no gradient)
+  T* grad_u0;           // [B, H]
+  T* grad_eta0;         // [B, H]
+  T* grad_s0;           // [B, H]
+  double* dalpha_num;   // [B, H] per-row sums, reduced over B in row order afterwards
+  double* drho;         // [B, H]
+  T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T)
+  T* bias_part;         // [nblocks, Hp]
+  T* wrec_part;         // [nblocks, H, Hp]: per-block sums of s_j dI (dW_rec^T)
+};
+
+template <typename T, bool BINARY>
+SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& params,
+                                      const Neurons<T>& nrn, int64_t blk) {
+  Params<T> p = params;
+  p.binary = BINARY;
+  const int64_t H = a.H, B = a.B, T_ = a.T_, K = a.K, Hp = a.Hp, I = a.I, W = spike_words(H);
+  const int64_t R = kRowBlock, b0 = blk * R, nr = std::min(R, B - b0);
+  // Segment buffers [R, K+1, H] (state before/after each step), [R, K, H] (s_{t-1}).
+  std::vector<T> u_seg(R * (K + 1) * H), e_seg(R * (K + 1) * H), s_seg(R * K * Hp), s_new(H);  // s_seg rows padded (unpack_bits)
+  std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI(R * Hp, T(0)), dx(a.Ip);
+  std::vector<double> dalpha(R * H, 0.0), drho(R * H, 0.0);
+  StepScratch<T> sc(Hp);
+  std::vector<int32_t> xidx_seg(R * K * I), sidx_seg(R * K * H);  // [R, K, I], [R, K, H]
+  std::vector<Active> act_seg(R * K);
+  for (int64_t k = 0; k < R * K; ++k) act_seg[k] = Active{xidx_seg.data() + k * I, sidx_seg.data() + k * H, 0, 0};
+  std::vector<int32_t> all_rows(H);
+  for (int64_t i = 0; i < H; ++i) all_rows[i] = int32_t(i);
+  const T* dI_rows[kRowBlock];  // rows past nr stay zero
+  for (int64_t r = 0; r < R; ++r) dI_rows[r] = dI.data() + r * Hp;
+  T* win_g = g.win_part + blk * I * Hp;
+  T* bias_g = g.bias_part + blk * Hp;
+  T* wrec_g = g.wrec_part + blk * H * Hp;
+  std::fill(win_g, win_g + I * Hp, T(0));
+  std::fill(bias_g, bias_g + Hp, T(0));
+  std::fill(wrec_g, wrec_g + H * Hp, T(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    std::memcpy(du.data() + r * H, g.grad_u_T + (b0 + r) * H, H * sizeof(T));
+    std::memcpy(deta.data() + r * H, g.grad_eta_T + (b0 + r) * H, H * sizeof(T));
+  }
+  const int64_t C = (T_ + K - 1) / K;
+  for (int64_t c = C - 1; c >= 0; --c) {
+    const int64_t t0 = c * K, t1 = std::min(T_, t0 + K);  // 0-based steps [t0, t1)
+    for (int64_t r = 0; r < nr; ++r) {  // recompute the segment from its checkpoint
+      const int64_t b = b0 + r;
+      T* u = u_seg.data() + r * (K + 1) * H;
+      T* e = e_seg.data() + r * (K + 1) * H;
+      std::memcpy(u, g.u_ckpt + (c * B + b) * H, H * sizeof(T));
+      std::memcpy(e, g.eta_ckpt + (c * B + b) * H, H * sizeof(T));
+      for (int64_t t = t0; t < t1; ++t) {
+        T* sp = s_seg.data() + (r * K + t - t0) * Hp;
+        if (t == 0) std::memcpy(sp, a.s0 + b * H, H * sizeof(T));
+        else if (BINARY) unpack_bits(g.bits + ((t - 1) * B + b) * W, H, sp);
+        else std::memcpy(sp, g.s_seq + ((t - 1) * B + b) * H, H * sizeof(T));
+        T* un = u + (t - t0 + 1) * H;
+        T* en = e + (t - t0 + 1) * H;
+        std::memcpy(un, un - H, H * sizeof(T));
+        std::memcpy(en, en - H, H * sizeof(T));
+        layer_step<T, BINARY>(a, p, nrn, a.x + (t * B + b) * I, sp, sc, act_seg[r * K + t - t0], un, en,
+                              s_new.data());
+      }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t b = b0 + r, j = t - t0;
+        const T* u = u_seg.data() + (r * (K + 1) + j) * H;
+        const T* e = e_seg.data() + (r * (K + 1) + j) * H;
+        const T* sp = s_seg.data() + (r * K + j) * Hp;
+        T* dIr = dI.data() + r * Hp;
+        backward_neurons<T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H, dIr,
+                                    ds.data() + r * H, du.data() + r * H, deta.data() + r * H,
+                                    dalpha.data() + r * H, drho.data() + r * H);
+        // dW_in^T[k] += x_k dI over the nonzero inputs; db += dI; dW_rec^T[j] += s_j dI.
+        const T* xt = a.x + (t * B + b) * I;
+        const Active& act = act_seg[r * K + j];
+        add_to_rows(win_g, Hp, act.x, act.nx, xt, dIr);
+#pragma omp simd
+        for (int64_t i = 0; i < Hp; ++i) bias_g[i] += dIr[i];
+        add_to_rows(wrec_g, Hp, act.s, act.ns, sp, dIr);
+        if (g.grad_x != nullptr) {  // dL/dx_t = W_in^T dI_t: the rows of W_in scaled by dI_t
+          sum_rows<T, false>(a.win, a.Ip, all_rows.data(), H, dIr, nullptr, dx.data());
+          std::memcpy(g.grad_x + (t * B + b) * I, dx.data(), I * sizeof(T));
+        }
+      }
+      add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t b = b0 + r;
+    std::memcpy(g.grad_u0 + b * H, du.data() + r * H, H * sizeof(T));
+    std::memcpy(g.grad_eta0 + b * H, deta.data() + r * H, H * sizeof(T));
+    std::memcpy(g.grad_s0 + b * H, ds.data() + r * H, H * sizeof(T));
+    std::memcpy(g.dalpha_num + b * H, dalpha.data() + r * H, H * sizeof(double));
+    std::memcpy(g.drho + b * H, drho.data() + r * H, H * sizeof(double));
+  }
+}
+
+#define SRNN_LAYER_BWD(NAME, T, BINARY)                                                                     \
+  SRNN_CLONES void NAME(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n, \
+                        int64_t blk) {                                                                     \
+    layer_backward_block<T, BINARY>(a, g, p, n, blk);                                                      \
+  }
+SRNN_LAYER_BWD(layer_bwd_f32_bin, float, true)
+SRNN_LAYER_BWD(layer_bwd_f32_relu, float, false)
+SRNN_LAYER_BWD(layer_bwd_f64_bin, double, true)
+SRNN_LAYER_BWD(layer_bwd_f64_relu, double, false)
+#undef SRNN_LAYER_BWD
+
+template <typename T>
+void layer_backward_any(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n,
+                        int64_t blk) {
+  if constexpr (std::is_same_v<T, float>) p.binary ? layer_bwd_f32_bin(a, g, p, n, blk) : layer_bwd_f32_relu(a, g, p, n, blk);
+  else p.binary ? layer_bwd_f64_bin(a, g, p, n, blk) : layer_bwd_f64_relu(a, g, p, n, blk);
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side: checks, padded weight copies, outputs.
+// ---------------------------------------------------------------------------------------
+struct LayerShape {
+  int64_t T_, B, I, H;
+};
+
+LayerShape check_layer_args(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& w_rec, const at::Tensor& alpha, const at::Tensor& rho,
+                            const at::Tensor& u0, const at::Tensor& eta0, const at::Tensor& s0) {
+  TORCH_CHECK(x.defined() && x.dim() == 3, "srnn_fast: x must be [T, B, I] (3-D); got ",
+              x.defined() ? describe(x) : std::string("an undefined tensor"));
+  TORCH_CHECK(w_rec.defined() && w_rec.dim() == 2, "srnn_fast: w_rec must be [H, H]; got ",
+              w_rec.defined() ? describe(w_rec) : std::string("an undefined tensor"));
+  const LayerShape sh{x.size(0), x.size(1), x.size(2), w_rec.size(0)};
+  TORCH_CHECK(sh.T_ >= 1 && sh.B >= 1 && sh.I >= 1, "srnn_fast: x must have T, B, I >= 1; got ", describe(x));
+  TORCH_CHECK(sh.H >= 1, "srnn_fast: w_rec must have H >= 1; got ", describe(w_rec));
+  check_state_dtype(w_rec);
+  const auto dtype = w_rec.scalar_type();
+  const at::Device dev = x.device();
+  TORCH_CHECK(x.scalar_type() == dtype, "srnn_fast: x must have dtype ", dtype, " like w_rec; got ", describe(x));
+  check_input(w_in, "w_in", {sh.H, sh.I}, "[H, I]", dtype, dev);
+  if (bias.has_value() && bias->defined()) check_input(*bias, "bias", {sh.H}, "[H]", dtype, dev);
+  check_scan_params(w_rec, alpha, rho, u0, eta0, s0, sh.B, sh.H, dev);
+  return sh;
+}
+
+// [rows, cols] -> [rows, padded(cols)] zero-padded copy (optionally of the transpose).
+at::Tensor padded_rows(const at::Tensor& m) {
+  const int64_t cols = m.size(1), cp = padded(cols, m.element_size());
+  at::Tensor out = at::zeros({m.size(0), cp}, m.options());
+  out.narrow(1, 0, cols).copy_(m);
+  return out;
+}
+
+at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t H, const at::TensorOptions& opts) {
+  at::Tensor out = at::zeros({padded(H, opts.dtype().itemsize())}, opts);
+  if (bias.has_value() && bias->defined()) out.narrow(0, 0, H).copy_(*bias);
+  return out;
+}
+
+template <typename T>
+LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& winT, const at::Tensor& win, const at::Tensor& b,
+                        const at::Tensor& wT, const at::Tensor& w, const at::Tensor& u0, const at::Tensor& eta0,
+                        const at::Tensor& s0, const LayerShape& sh, int64_t K) {
+  return LayerArgs<T>{x.data_ptr<T>(),  winT.data_ptr<T>(), win.defined() ? win.data_ptr<T>() : nullptr,
+                      b.data_ptr<T>(),  wT.data_ptr<T>(),   w.defined() ? w.data_ptr<T>() : nullptr,
+                      u0.data_ptr<T>(), eta0.data_ptr<T>(), s0.data_ptr<T>(),
+                      sh.T_, sh.B, sh.H, winT.size(1), sh.I, win.defined() ? win.size(1) : 0, K};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const at::Tensor& w_rec,
+    const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
+    const at::Tensor& s0, bool binary, double b0, double beta, double dt, double r_m, int64_t ckpt_every) {
+  const LayerShape sh = check_layer_args(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0);
+  TORCH_CHECK(ckpt_every >= 0, "srnn_fast: ckpt_every must be >= 0 (0: inference, save nothing); got ", ckpt_every);
+  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, K = ckpt_every, C = K > 0 ? (T_ + K - 1) / K : 0;
+  const auto opts = w_rec.options();
+  at::Tensor s = new_output({T_, B, H}, opts);
+  at::Tensor u_T = new_output({B, H}, opts), eta_T = new_output({B, H}, opts);
+  at::Tensor u_ckpt = new_output(K > 0 ? at::IntArrayRef{C, B, H} : at::IntArrayRef{0}, opts);
+  at::Tensor eta_ckpt = new_output(K > 0 ? at::IntArrayRef{C, B, H} : at::IntArrayRef{0}, opts);
+  at::Tensor bits = new_output(K > 0 && binary ? at::IntArrayRef{T_, B, spike_words(H)} : at::IntArrayRef{0},
+                               opts.dtype(at::kInt));
+  const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t()), bp = padded_bias(bias, H, opts);
+  const at::Tensor wT = padded_rows(w_rec.t());
+  const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
+  const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(w_rec.scalar_type(), "srnn_fast::layer_fwd", [&] {
+    using T = scalar_t;
+    check_decay_values<T>(a_c, "alpha", "tau_m", false);
+    check_decay_values<T>(r_c, "rho", "tau_adp", true);
+    const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m);
+    const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
+    const LayerArgs<T> args = layer_args<T>(xc, winT, at::Tensor(), bp, wT, at::Tensor(), u0c, eta0c, s0c, sh, K);
+    const LayerOut<T> out{s.data_ptr<T>(), u_T.data_ptr<T>(), eta_T.data_ptr<T>(),
+                          K > 0 ? u_ckpt.data_ptr<T>() : nullptr, K > 0 ? eta_ckpt.data_ptr<T>() : nullptr,
+                          K > 0 && binary ? bits.data_ptr<int32_t>() : nullptr};
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { layer_forward_any(args, out, p, nrn, begin, end); });
+  });
+  return {s, u_T, eta_T, u_ckpt, eta_ckpt, bits};
+}
+
+// out[i, k] = sum over blocks of part[blk, k, i] (part [nblocks, rows, Hp], out [H, rows]):
+// the per-block partials of dW^T summed in block order in float64 (deterministic for any
+// thread count), reading the partials row by row; parallel over k.
+template <typename T>
+void reduce_transposed(const T* part, int64_t nblocks, int64_t rows, int64_t Hp, int64_t H, T* out) {
+  at::parallel_for(0, rows, 16, [&](int64_t k_begin, int64_t k_end) {
+    std::vector<double> acc(H);
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const T* __restrict p = part + (blk * rows + k) * Hp;
+        for (int64_t i = 0; i < H; ++i) acc[i] += double(p[i]);
+      }
+      for (int64_t i = 0; i < H; ++i) out[i * rows + k] = T(acc[i]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& x,
+              const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const at::Tensor& w_rec,
+              const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
+              const at::Tensor& s0, const at::Tensor& u_ckpt, const at::Tensor& eta_ckpt, const at::Tensor& spikes,
+              bool binary, int64_t surrogate, double b0, double beta, double dt, double r_m, double sigma,
+              double gamma, int64_t ckpt_every, bool need_grad_x) {
+  const LayerShape sh = check_layer_args(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0);
+  check_surrogate(surrogate);
+  TORCH_CHECK(ckpt_every >= 1, "srnn_fast: ckpt_every must be >= 1 in backward; got ", ckpt_every);
+  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, I = sh.I, K = ckpt_every, C = (T_ + K - 1) / K;
+  const auto dtype = w_rec.scalar_type();
+  const at::Device dev = x.device();
+  check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);
+  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, dev);
+  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, dev);
+  check_input(u_ckpt, "u_ckpt", {C, B, H}, "[ceil(T / ckpt_every), B, H]", dtype, dev);
+  check_input(eta_ckpt, "eta_ckpt", {C, B, H}, "[ceil(T / ckpt_every), B, H]", dtype, dev);
+  if (binary)
+    check_input(spikes, "spikes (spike bits)", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, dev);
+  else
+    check_input(spikes, "spikes (relu activations)", {T_, B, H}, "[T, B, H]", dtype, dev);
+
+  const auto opts = w_rec.options();
+  const bool has_bias = bias.has_value() && bias->defined();
+  at::Tensor grad_x = need_grad_x ? new_output({T_, B, I}, opts) : at::Tensor();
+  at::Tensor grad_w_in = new_output({H, I}, opts), grad_w_rec = new_output({H, H}, opts);
+  at::Tensor grad_bias = new_output(has_bias ? at::IntArrayRef{H} : at::IntArrayRef{0}, opts);
+  at::Tensor grad_alpha = new_output({H}, opts), grad_rho = new_output({H}, opts);
+  at::Tensor grad_u0 = new_output({B, H}, opts), grad_eta0 = new_output({B, H}, opts);
+  at::Tensor grad_s0 = new_output({B, H}, opts);
+
+  const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t()), win = padded_rows(w_in);
+  const at::Tensor bp = padded_bias(bias, H, opts), wT = padded_rows(w_rec.t()), w = padded_rows(w_rec);
+  const int64_t Hp = wT.size(1), nblocks = (B + kRowBlock - 1) / kRowBlock;
+  at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
+  at::Tensor win_part = at::empty({nblocks, I, Hp}, opts), bias_part = at::empty({nblocks, 1, Hp}, opts);
+  at::Tensor wrec_part = at::empty({nblocks, H, Hp}, opts);
+  const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), geT = grad_eta_T.contiguous();
+  const at::Tensor uck = u_ckpt.contiguous(), eck = eta_ckpt.contiguous(), spk = spikes.contiguous();
+  const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
+  const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dtype, "srnn_fast::layer_bwd", [&] {
+    using T = scalar_t;
+    check_decay_values<T>(a_c, "alpha", "tau_m", false);
+    check_decay_values<T>(r_c, "rho", "tau_adp", true);
+    const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
+    const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
+    const LayerArgs<T> args = layer_args<T>(xc, winT, win, bp, wT, w, u0c, eta0c, s0c, sh, K);
+    double* dalpha_part = part.data_ptr<double>();
+    double* drho_part = dalpha_part + B * H;
+    const LayerGrads<T> g{gs.data_ptr<T>(), guT.data_ptr<T>(), geT.data_ptr<T>(), uck.data_ptr<T>(),
+                          eck.data_ptr<T>(), binary ? spk.data_ptr<int32_t>() : nullptr,
+                          binary ? nullptr : spk.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr,
+                          grad_u0.data_ptr<T>(), grad_eta0.data_ptr<T>(), grad_s0.data_ptr<T>(), dalpha_part,
+                          drho_part, win_part.data_ptr<T>(), bias_part.data_ptr<T>(), wrec_part.data_ptr<T>()};
+    at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) layer_backward_any(args, g, p, nrn, blk);
+    });
+    // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
+    T* ga = grad_alpha.data_ptr<T>();
+    T* gr = grad_rho.data_ptr<T>();
+    for (int64_t i = 0; i < H; ++i) {
+      double sa = 0.0, sr = 0.0;
+      for (int64_t b = 0; b < B; ++b) sa += dalpha_part[b * H + i], sr += drho_part[b * H + i];
+      ga[i] = T(sa / double(nrn.one_m_alpha[i]));  // the dL/dalpha identity's factor (srnn_neuron.h)
+      gr[i] = T(sr);
+    }
+    reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
+    reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
+    if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());
+  });
+  if (!need_grad_x) grad_x = at::empty({0}, opts);
+  return {grad_x, grad_w_in, grad_bias, grad_w_rec, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
+}
+
+}  // namespace
+}  // namespace srnn
+
+TORCH_LIBRARY_IMPL(srnn_fast, CPU, m) {
+  m.impl("layer_fwd", &srnn::layer_fwd_cpu);
+  m.impl("layer_bwd", &srnn::layer_bwd_cpu);
+}

@@ -1,0 +1,177 @@
+"""The fused layer ops (srnn_fast::layer_fwd / layer_bwd, CPU): input projection and
+recurrence in one kernel, checkpointed backward. Held to the scan's rules (spec section 4)
+against the reference path F.linear + srnn_scan_ref."""
+import os
+
+import pytest
+import torch
+
+import srnn_fast
+from srnn_fast import SRNNState
+from srnn_fast.layer import CKPT_EVERY, srnn_layer
+from scan_cases import FLOAT32_TOL, check_float32, check_float64
+
+pytestmark = pytest.mark.skipif("cpp" not in srnn_fast.available_backends(), reason="extension not built")
+
+NAMES = ("x", "w_in", "bias", "w_rec", "tau_m", "tau_adp", "u0", "eta0", "s0")
+
+
+def make_layer_case(T, B, I, H, dtype=torch.float64, seed=0, density=0.3, bias=True):
+    """Inputs with exact zeros (spike-like, ``density`` nonzero, some analog values) and a
+    moderate firing rate; upstream gradients for every output."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    uni = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x = (uni(0, 1, T, B, I) < density).double() * uni(0.5, 2.0, T, B, I)
+    inputs = {
+        "x": x, "w_in": rnd(H, I) * (1.5 / I ** 0.5), "bias": rnd(H) * 0.1 + 0.3,
+        "w_rec": rnd(H, H) * (0.6 / H ** 0.5), "tau_m": uni(5, 30, H), "tau_adp": uni(40, 200, H),
+        "u0": uni(0, 1, B, H), "eta0": uni(0, 0.2, B, H), "s0": (uni(0, 1, B, H) < 0.3).double(),
+    }
+    if not bias:
+        inputs["bias"] = None
+    upstream = {"s": rnd(T, B, H), "u": rnd(B, H), "eta": rnd(B, H), "s_T": rnd(B, H)}
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return {k: cast(v) for k, v in inputs.items()}, {k: cast(v) for k, v in upstream.items()}
+
+
+def run_layer(inputs, upstream, backend, x_grad=True, noncontiguous=False, **kw):
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_(k != "x" or x_grad)
+              for k, v in inputs.items()}
+    if noncontiguous:  # same values, [B, T, I] storage viewed as [T, B, I]
+        leaves["x"] = inputs["x"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(x_grad)
+    state = SRNNState(leaves["u0"], leaves["eta0"], leaves["s0"])
+    s, (u, eta, s_T) = srnn_layer(leaves["x"], leaves["w_in"], leaves["bias"], leaves["w_rec"], leaves["tau_m"],
+                                  leaves["tau_adp"], state, backend=backend, **kw)
+    loss = ((s * upstream["s"]).sum() + (u * upstream["u"]).sum() + (eta * upstream["eta"]).sum()
+            + (s_T * upstream["s_T"]).sum())
+    names = [k for k in NAMES if leaves[k] is not None and leaves[k].requires_grad]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    out = {"s": s.detach(), "u": u.detach(), "eta": eta.detach(), "s_T": s_T.detach()}
+    out.update({f"grad_{k}": g for k, g in zip(names, grads)})
+    return out
+
+
+SHAPES = [(1, 1, 1, 1), (CKPT_EVERY - 1, 3, 5, 17), (CKPT_EVERY, 4, 3, 33), (CKPT_EVERY + 1, 5, 8, 36),
+          (97, 6, 20, 70), (211, 2, 700, 40)]
+
+
+@pytest.mark.parametrize("T,B,I,H", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("neuron,surrogate", [("adaptive", "gaussian"), ("adaptive", "multi_gaussian"),
+                                              ("lif", "multi_gaussian"), ("relu", "gaussian")])
+def test_float64_matches_reference(T, B, I, H, neuron, surrogate):
+    inputs, upstream = make_layer_case(T, B, I, H, seed=T + H)
+    got = run_layer(inputs, upstream, "cpp", neuron=neuron, surrogate=surrogate)
+    ref = run_layer(inputs, upstream, "reference", neuron=neuron, surrogate=surrogate)
+    if neuron != "relu" and T > 1:
+        rate = float((ref["s"] != 0).double().mean())
+        assert 0.02 < rate < 0.9, f"firing rate {rate}: the case would not test much"
+    check_float64(got, ref)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_float64_seeds_dense_input_no_bias_noncontiguous(seed):
+    inputs, upstream = make_layer_case(70, 5, 9, 45, seed=seed, density=1.0, bias=False)
+    got = run_layer(inputs, upstream, "cpp", noncontiguous=True)
+    ref = run_layer(inputs, upstream, "reference")
+    assert "grad_bias" not in got
+    check_float64(got, ref)
+
+
+def test_float64_input_without_grad():
+    """A first layer's x needs no gradient: the kernel skips dL/dx."""
+    inputs, upstream = make_layer_case(50, 4, 12, 30, seed=5)
+    got = run_layer(inputs, upstream, "cpp", x_grad=False)
+    ref = run_layer(inputs, upstream, "reference", x_grad=False)
+    assert "grad_x" not in got
+    check_float64(got, ref)
+
+
+@pytest.mark.parametrize("T,B,I,H", [(1301, 4, 4, 36), (250, 4, 700, 128)], ids=["ecg", "shd"])
+@pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
+def test_float32_against_float64(T, B, I, H, neuron):
+    inputs, upstream = make_layer_case(T, B, I, H, seed=7, density=0.05)
+    ref64 = run_layer(inputs, upstream, "reference", neuron=neuron)
+    got = run_layer({k: None if v is None else v.float() for k, v in inputs.items()},
+                    {k: v.float() for k, v in upstream.items()}, "cpp", neuron=neuron)
+    check_float32(got, ref64, FLOAT32_TOL)
+
+
+def test_poisoned_outputs_are_all_written(monkeypatch):
+    """SRNN_FAST_POISON=1 NaN-fills every output before the kernels run."""
+    inputs, upstream = make_layer_case(CKPT_EVERY * 2 + 3, 5, 6, 40, seed=11)
+    clean = run_layer(inputs, upstream, "cpp")
+    monkeypatch.setenv("SRNN_FAST_POISON", "1")
+    poisoned = run_layer(inputs, upstream, "cpp")
+    for k, v in clean.items():
+        assert torch.equal(v, poisoned[k]), k
+
+
+def test_deterministic_across_thread_counts():
+    inputs, upstream = make_layer_case(100, 9, 10, 50, dtype=torch.float32, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_layer(inputs, upstream, "cpp")
+        torch.set_num_threads(2)
+        two = run_layer(inputs, upstream, "cpp")
+    finally:
+        torch.set_num_threads(before)
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+
+
+def test_inference_saves_nothing_and_matches():
+    inputs, _ = make_layer_case(40, 3, 5, 20, dtype=torch.float32, seed=6)
+    args = [inputs[k] for k in ("x", "w_in", "bias", "w_rec")]
+    alpha, rho = torch.exp(-1 / inputs["tau_m"]), torch.exp(-1 / inputs["tau_adp"])
+    state = [inputs[k] for k in ("u0", "eta0", "s0")]
+    out = torch.ops.srnn_fast.layer_fwd(*args, alpha, rho, *state, True, 0.01, 1.8, 1.0, 1.0, 0)
+    assert out[3].numel() == out[4].numel() == out[5].numel() == 0
+    with torch.no_grad():
+        s, _ = srnn_layer(*args, inputs["tau_m"], inputs["tau_adp"], SRNNState(*state), backend="cpp")
+    assert torch.equal(s, out[0])
+
+
+def _op_args(T=10, B=3, I=4, H=6, ckpt=4):
+    inputs, _ = make_layer_case(T, B, I, H, dtype=torch.float32, seed=8)
+    alpha, rho = torch.exp(-1 / inputs["tau_m"]), torch.exp(-1 / inputs["tau_adp"])
+    fwd = [inputs["x"], inputs["w_in"], inputs["bias"], inputs["w_rec"], alpha, rho, inputs["u0"], inputs["eta0"],
+           inputs["s0"], True, 0.01, 1.8, 1.0, 1.0, ckpt]
+    return fwd
+
+
+def test_opcheck():
+    fwd = _op_args()
+    torch.library.opcheck(torch.ops.srnn_fast.layer_fwd, tuple(fwd))
+    s, u_T, eta_T, u_ck, eta_ck, bits = torch.ops.srnn_fast.layer_fwd(*fwd)
+    g = torch.randn_like(s)
+    z = torch.zeros_like(u_T)
+    bwd = (g, z, z, *fwd[:9], u_ck, eta_ck, bits, True, 0, 0.01, 1.8, 1.0, 1.0, 0.5, 0.5, fwd[-1], True)
+    torch.library.opcheck(torch.ops.srnn_fast.layer_bwd, bwd)
+
+
+@pytest.mark.parametrize("index,bad,match", [
+    (0, torch.zeros(10, 3), "x must be"),
+    (0, torch.zeros(10, 3, 4, dtype=torch.float64), "x must have dtype"),
+    (1, torch.zeros(6, 5), "w_in must be"),
+    (2, torch.zeros(5), "bias must be"),
+    (3, torch.zeros(6, 5), "w_rec must be"),
+    (6, torch.zeros(2, 6), "u0 must be"),
+    (14, -1, "ckpt_every must be"),
+])
+def test_op_rejects_bad_input(index, bad, match):
+    args = _op_args()
+    args[index] = bad
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.srnn_fast.layer_fwd(*args)
+
+
+def test_layer_rejects_bad_input():
+    inputs, _ = make_layer_case(10, 3, 4, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match="w_in must be"):
+        srnn_layer(inputs["x"], inputs["w_in"][:, :3], inputs["bias"], inputs["w_rec"], inputs["tau_m"],
+                   inputs["tau_adp"], backend="cpp")
+    with pytest.raises(ValueError, match="tau_m must be finite"):
+        srnn_layer(inputs["x"], inputs["w_in"], inputs["bias"], inputs["w_rec"], -inputs["tau_m"],
+                   inputs["tau_adp"], backend="cpp")
