@@ -63,13 +63,14 @@ PRESETS = {
                 tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], data={"frame_ms": 10}),
 }
 # Data options a task accepts (passed to srnn_fast.data.build_datasets), with their CLI flags.
-DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "npz", "stride", "cache_dir"),
+DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction", "npz", "stride", "cache_dir",
+                        "context"),
                 "smnist": ("encoding", "population", "window", "limit"),
                 "psmnist": ("encoding", "population", "window", "limit"),
                 "shd": ("frame_ms", "limit")}
-ALL_DATA_OPTIONS = ("seq_len", "threshold", "test_fraction", "npz", "stride", "cache_dir", "encoding", "population", "window",
+ALL_DATA_OPTIONS = ("seq_len", "threshold", "test_fraction", "val_fraction", "context", "npz", "stride", "cache_dir", "encoding", "population", "window",
                     "limit", "frame_ms")
-METRIC_FIELDS = ("epoch", "loss", "train_acc", "test_acc", "test_loss", "fr", "time_s", "lr")
+METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr")
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +183,12 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=_positive(int), help="ecg: steps per sequence")
     g.add_argument("--threshold", type=_positive(float), help="ecg: level-crossing threshold")
     g.add_argument("--test-fraction", type=_positive(float), help="ecg: fraction of records held out")
+    g.add_argument("--val-fraction", type=_positive(float),
+                   help="ecg: fraction of the training records held out for validation; the best "
+                        "epoch is then chosen on it, not on the test set")
     g.add_argument("--npz", help="ecg: preprocessed .npz instead of the wfdb records")
+    g.add_argument("--context", type=int, help="ecg: steps of the record's preceding signal (unlabelled) "
+                   "before each window, so the network enters it running (default 0)")
     g.add_argument("--stride", type=_positive(int), help="ecg: steps between window starts (default seq_len)")
     g.add_argument("--cache-dir", help="ecg: folder for the preprocessed-record cache")
     g.add_argument("--encoding", choices=("rbf", "analog", "poisson", "window"), help="smnist/psmnist")
@@ -272,7 +278,7 @@ def _save_csv(path: Path, epochs: list) -> None:
             w = csv.DictWriter(f, fieldnames=METRIC_FIELDS + ("fr_layers",))
             w.writeheader()
             for e in epochs:
-                row = {k: e[k] for k in METRIC_FIELDS}
+                row = {k: e.get(k) for k in METRIC_FIELDS}
                 row["fr_layers"] = ";".join(f"{v:.6g}" for v in e["fr_layers"]) if e["fr_layers"] else ""
                 w.writerow(row)
     _atomic_write(path, write)
@@ -338,7 +344,7 @@ def _load_data(cfg: dict):
 
 def _checkpoint(model, opt, sched, epoch, cfg, rng, best):
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "config": cfg, "rng_state": rng, "best_test_acc": best}
+            "epoch": epoch, "config": cfg, "rng_state": rng, "best_score": best}
 
 
 def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_budget: float = None) -> dict:
@@ -353,10 +359,13 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         torch.set_num_threads(cfg["threads"])
 
     train_ds, test_ds, info = _load_data(cfg)
+    val_ds = info.pop("val", None)  # epochs are chosen on it when present, else on the test set
     for key in ("input_size", "num_classes", "seq_len"):
         cfg[key] = info[key]
     cfg["data_info"] = {k: v for k, v in info.items() if k not in ("input_size", "num_classes", "seq_len")}
     cfg["n_train"], cfg["n_test"] = len(train_ds), len(test_ds)
+    if val_ds is not None:
+        cfg["n_val"] = len(val_ds)
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -368,7 +377,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     opt = torch.optim.Adam(param_groups(model, cfg["lr"], cfg["lr_tau"]))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["lr_step"], gamma=cfg["lr_gamma"])
     loader_gen = torch.Generator().manual_seed(cfg["seed"])
-    metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"]}
+    metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"],
+               "selected_on": "val" if val_ds is not None else "test"}
     start_epoch, best = 1, -1.0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -376,7 +386,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         sched.load_state_dict(resume["scheduler"])
         rng = resume["rng_state"]
         _set_rng_state(rng["ranks"][rank] if world > 1 else rng, loader_gen)
-        start_epoch, best = resume["epoch"] + 1, resume["best_test_acc"]
+        start_epoch, best = resume["epoch"] + 1, resume["best_score"]
         metrics = json.loads((out / "metrics.json").read_text())
         metrics["epochs"] = [e for e in metrics["epochs"] if e["epoch"] <= resume["epoch"]]
     if rank == 0:
@@ -413,17 +423,23 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         lr = opt.param_groups[0]["lr"]
         sched.step()
         result = evaluate(model, test_ds, cfg, device, dtype, rank, world)
+        val = evaluate(model, val_ds, cfg, device, dtype, rank, world) if val_ds is not None else None
         elapsed = time.perf_counter() - t0
         n = max(totals[1].item(), 1.0)
         entry = {"epoch": epoch, "loss": totals[0].item() / n, "train_acc": totals[2].item() / n,
                  "test_acc": result["test_acc"], "test_loss": result["test_loss"], "fr": result["fr"],
                  "fr_layers": result["fr_layers"], "time_s": elapsed, "lr": lr}
+        if val is not None:
+            entry.update(val_acc=val["test_acc"], val_loss=val["test_loss"])
         metrics["epochs"].append(entry)
         metrics["wall_time_s"] += elapsed
-        improved = entry["test_acc"] > best
-        if improved:
-            best = entry["test_acc"]
-            metrics["best_test_acc"], metrics["best_epoch"] = best, epoch
+        score = entry["val_acc"] if val is not None else entry["test_acc"]
+        improved = score > best
+        if improved:  # best_test_acc: the test accuracy of the chosen epoch
+            best = score
+            metrics["best_test_acc"], metrics["best_epoch"] = entry["test_acc"], epoch
+            if val is not None:
+                metrics["best_val_acc"] = score
         rng = _rng_state(loader_gen)
         if world > 1:
             ranks = [None] * world
@@ -437,7 +453,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             _save_json(out / "metrics.json", metrics)
             _save_csv(out / "metrics.csv", metrics["epochs"])
             fr = "" if entry["fr"] is None else f" Fr {entry['fr']:.4f}"
-            print(f"epoch {epoch:4d} loss {entry['loss']:.4f} train_acc {entry['train_acc']:.4f} "
+            va = "" if val is None else f" val_acc {entry['val_acc']:.4f}"
+            print(f"epoch {epoch:4d} loss {entry['loss']:.4f} train_acc {entry['train_acc']:.4f}{va} "
                   f"test_loss {entry['test_loss']:.4f} test_acc {entry['test_acc']:.4f}{fr} "
                   f"lr {lr:.3g} {elapsed:.1f}s", flush=True)
         if time_budget is not None and metrics["wall_time_s"] >= time_budget:
@@ -483,7 +500,8 @@ def main(argv=None) -> int:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0 and metrics["best_epoch"] is not None:
-        print(f"best test_acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']}; run folder {out}")
+        print(f"best test_acc {metrics['best_test_acc']:.4f} at epoch {metrics['best_epoch']} (chosen on the "
+              f"{metrics.get('selected_on', 'test')} set); run folder {out}")
     return 0
 
 

@@ -115,6 +115,28 @@ def test_ecg_from_tiny_records(tiny):
     assert torch.equal(x, level_crossing(signal[start:start + 500], 0.3))
 
 
+def test_ecg_context_precedes_each_window(tiny):
+    """context=C: the same labelled steps, preceded by C unlabelled steps of the record's
+    own signal (zero-padded before the start of the record)."""
+    plain = qtdb.preprocess(tiny / "qtdb", 500)
+    ctx = qtdb.preprocess(tiny / "qtdb", 500, context=400)
+    assert ctx["x"].shape == (len(plain["x"]), 900, 4) and ctx["y"].shape == (len(plain["x"]), 900)
+    assert (ctx["y"][:, :400] == -1).all()
+    np.testing.assert_array_equal(ctx["y"][:, 400:], plain["y"])
+    np.testing.assert_array_equal(ctx["record"], plain["record"])
+    signal, _, _ = qtdb.load_record(tiny / "qtdb", plain["record"][0])
+    start = 300 + synthetic.BEAT["p_on"]  # the first window; its context starts 90 steps before the record
+    pad = 400 - start
+    assert pad > 0 and (ctx["x"][0, :pad] == 0).all()
+    np.testing.assert_array_equal(ctx["x"][0, pad:], level_crossing(signal[:start + 500], 0.3).numpy())
+    second = ctx["x"][1]  # a later window: all 400 context steps come from the record
+    assert second[:400].any()
+    train, _, info = build_datasets("ecg", tiny, seed=0, seq_len=500, context=400)
+    assert info["seq_len"] == 900 and train[0][0].shape == (900, 4)
+    with pytest.raises(ValueError, match="context"):
+        build_datasets("ecg", tiny, seq_len=500, context=-1)
+
+
 def test_split_by_record(tiny):
     for seed in range(4):
         train, test, info = build_datasets("ecg", tiny, seed=seed, seq_len=500)

@@ -52,7 +52,7 @@ def test_smoke_run_folder_complete(task, model, data_dir, tmp_path):
     else:
         assert e["fr"] is None and e["fr_layers"] is None
     assert m["params"] == cfg["params"] and m["best_epoch"] == 1
-    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,train_acc,test_acc")
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("epoch,loss,train_acc,val_acc,val_loss,test_acc")
     # The report helper reloads checkpoints through build_model(config).
     ckpt = torch.load(out / "best.pt", weights_only=False)
     net = T.build_model(cfg)
@@ -61,6 +61,23 @@ def test_smoke_run_folder_complete(task, model, data_dir, tmp_path):
     x = torch.zeros(2, cfg["seq_len"], cfg["input_size"])
     logits = net(x)
     assert logits.shape == ((2, cfg["seq_len"], cfg["num_classes"]) if task == "ecg" else (2, cfg["num_classes"]))
+
+
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb for the tiny QTDB records")
+def test_validation_split_chooses_the_epoch(data_dir, tmp_path):
+    """--val-fraction holds out training records; the best epoch is the best on them."""
+    out = tmp_path / "run"
+    assert run(["--task", "ecg", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.3", "--test-fraction",
+                "0.3"] + TINY["ecg"], data_dir, out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    info = cfg["data_info"]
+    assert info["val_records"] and not set(info["val_records"]) & set(info["train_records"] + info["test_records"])
+    assert cfg["n_val"] > 0 and "val" not in info
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_on"] == "val"
+    best = max(m["epochs"], key=lambda e: (e["val_acc"], -e["epoch"]))
+    assert m["best_epoch"] == best["epoch"] and m["best_test_acc"] == best["test_acc"]
+    assert m["best_val_acc"] == best["val_acc"]
 
 
 def _params(path):

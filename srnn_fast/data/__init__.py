@@ -18,7 +18,7 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 # Options per task and their defaults (the docstrings of build_ecg / build_mnist / build_shd
 # and the module docstrings of qtdb / mnist / shd say what they mean).
 OPTIONS = {
-    "ecg": dict(seq_len=1301, threshold=0.3, test_fraction=0.2, npz=None, stride=None, records=None,
+    "ecg": dict(seq_len=1301, threshold=0.3, test_fraction=0.2, val_fraction=0.0, context=0, npz=None, stride=None, records=None,
                 cache_dir=None, min_labelled=0.5),
     "smnist": dict(encoding="rbf", population=80, window=None, limit=None),
     "psmnist": dict(encoding="rbf", population=80, window=None, limit=None, permutation_seed=0),

@@ -30,7 +30,11 @@ Sequences: windows of ``seq_len`` steps (default 1301 = 5.2 s at 250 Hz) from th
 annotation on, every ``stride`` steps (default ``seq_len``: no overlap), plus one window
 ending at the last annotation so the end of the annotated region is covered; a window is
 kept if at least ``min_labelled`` (half) of its steps are labelled. Train and test are
-split by record with a seeded permutation, never within a record.
+split by record with a seeded permutation, never within a record. With ``context`` = C > 0
+each window is preceded by the C steps of the record before it, labelled -1 (ignored by
+loss and accuracy; zeros where the record starts later): sequences of C + ``seq_len``
+steps whose labelled steps are exactly those of the windows without context, so the
+network enters them running, as it would streaming over a whole record, instead of from rest.
 
 A preprocessed ``.npz`` (``x`` [N, T, 4], ``y`` [N, T] with -1 = unlabeled, optional
 ``record`` [N] naming each sequence's record for the split) can be written with
@@ -143,8 +147,9 @@ def window_starts(labels: np.ndarray, seq_len: int, stride: int, min_labelled: f
 
 def preprocess(qtdb_dir, seq_len: int = 1301, threshold: float = 0.3, stride: Optional[int] = None,
                min_labelled: float = 0.5, records: Optional[Sequence[str]] = None,
-               max_tp_s: float = 1.0) -> dict:
-    """Encode and cut the raw records: dict of x uint8 [N, T, 4], y int8 [N, T], record str [N]."""
+               max_tp_s: float = 1.0, context: int = 0) -> dict:
+    """Encode and cut the raw records: dict of x uint8 [N, C + T, 4], y int8 [N, C + T], record
+    str [N] (C = ``context``, see the module docstring)."""
     qtdb_dir = pathlib.Path(qtdb_dir)
     stride = seq_len if stride is None else stride
     names = record_names(qtdb_dir) if records is None else list(records)
@@ -154,11 +159,13 @@ def preprocess(qtdb_dir, seq_len: int = 1301, threshold: float = 0.3, stride: Op
         starts = window_starts(labels, seq_len, stride, min_labelled)
         if not starts:
             continue
-        lo, hi = starts[0], starts[-1] + seq_len
+        lo, hi = max(starts[0] - context, 0), starts[-1] + seq_len
         spikes = level_crossing(signal[lo:hi], threshold).numpy().astype(np.uint8)
         for s in starts:
-            xs.append(spikes[s - lo:s - lo + seq_len])
-            ys.append(labels[s:s + seq_len])
+            pad = max(lo - (s - context), 0)  # context steps before the record's encoded span
+            x = spikes[s - context + pad - lo:s - lo + seq_len]
+            xs.append(np.concatenate([np.zeros((pad, x.shape[1]), np.uint8), x]))
+            ys.append(np.concatenate([np.full(context, -1, labels.dtype), labels[s:s + seq_len]]))
             recs.append(name)
     if not xs:
         raise DataError(f"no sequence of {seq_len} steps with >= {min_labelled:.0%} labelled steps in the "
@@ -228,17 +235,23 @@ def _cache_key(qtdb_dir: pathlib.Path, names, settings: dict) -> str:
 
 def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, threshold: float = 0.3,
               test_fraction: float = 0.2, npz=None, stride: Optional[int] = None, records=None,
-              cache_dir=None, min_labelled: float = 0.5):
+              cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0):
     """Train/test SequenceDatasets of (x float32 [T, 4], y int64 [T]) and an info dict.
+
+    ``val_fraction`` > 0 holds out that fraction of the *training* records (by record, seed
+    + 1) as a validation set, returned as ``info["val"]`` (a SequenceDataset; the record
+    names in ``info["val_records"]``), for choosing the epoch without looking at the test set.
 
     ``data_dir`` holds ``qtdb/`` (unused when ``npz`` is given). ``records`` restricts to
     the named records (e.g. a few for a smoke test). ``seq_len`` defaults to 1301; with
     ``npz`` it defaults to the file's T and must match it if given, while threshold,
-    stride, records and min_labelled do not apply (the file is already encoded and cut).
+    stride, records, min_labelled and context do not apply (the file is already encoded and cut).
     """
-    test_fraction = float(test_fraction)
+    test_fraction, val_fraction = float(test_fraction), float(val_fraction)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     if npz is not None:
         arrays = load_npz(npz)
         if arrays["record"] is None:  # no grouping given: every sequence is its own group
@@ -249,6 +262,7 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     else:
         seq_len = check_int("seq_len", 1301 if seq_len is None else seq_len, 2)
         stride = check_int("stride", stride, 1, optional=True)
+        context = check_int("context", context, 0)
         if not (isinstance(threshold, (int, float)) and np.isfinite(threshold) and threshold > 0):
             raise ValueError(f"threshold must be a finite positive number; got {threshold!r}")
         if not 0 < min_labelled <= 1:
@@ -259,6 +273,8 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
                             "(see python -m srnn_fast.data.download qtdb)")
         names = record_names(qtdb_dir) if records is None else sorted(records)
         settings = dict(seq_len=seq_len, threshold=float(threshold), stride=stride, min_labelled=min_labelled)
+        if context:  # (absent when 0, so existing cache files keep their keys)
+            settings["context"] = context
         cache = resolve_cache_dir(cache_dir) / f"qtdb-{_cache_key(qtdb_dir, names, settings)}.npz"
         if cache.is_file():
             try:
@@ -270,9 +286,18 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             save_npz(cache, **arrays)
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
-    test = torch.from_numpy(split_by_record(arrays["record"], test_fraction, seed))
+    record = arrays["record"]
+    test = split_by_record(record, test_fraction, seed)
+    val = np.zeros_like(test)
+    if val_fraction > 0:
+        val[~test] = split_by_record(record[~test], val_fraction, seed + 1)
+    train = ~test & ~val
     info = {"task": "ecg", "input_size": x.shape[2], "num_classes": len(CLASSES), "seq_len": x.shape[1],
             "class_names": list(CLASSES),
-            "train_records": sorted(set(arrays["record"][~test.numpy()].tolist())),
-            "test_records": sorted(set(arrays["record"][test.numpy()].tolist()))}
-    return SequenceDataset(x[~test], y[~test]), SequenceDataset(x[test], y[test]), info
+            "train_records": sorted(set(record[train].tolist())),
+            "test_records": sorted(set(record[test].tolist()))}
+    if val_fraction > 0:
+        info["val_records"] = sorted(set(record[val].tolist()))
+        info["val"] = SequenceDataset(x[torch.from_numpy(val)], y[torch.from_numpy(val)])
+    train, test = torch.from_numpy(train), torch.from_numpy(test)
+    return SequenceDataset(x[train], y[train]), SequenceDataset(x[test], y[test]), info
