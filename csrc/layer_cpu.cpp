@@ -312,7 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& s0, bool binary, double b0, double beta, double dt, double r_m, int64_t ckpt_every) {
   const LayerShape sh = check_layer_args(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0);
   TORCH_CHECK(ckpt_every >= 0, "srnn_fast: ckpt_every must be >= 0 (0: inference, save nothing); got ", ckpt_every);
-  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, K = ckpt_every, C = K > 0 ? (T_ + K - 1) / K : 0;
+  // A segment longer than the sequence is the whole sequence (same checkpoints, smaller buffers).
+  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, K = std::min(ckpt_every, T_), C = K > 0 ? (T_ + K - 1) / K : 0;
   const auto opts = w_rec.options();
   at::Tensor s = new_output({T_, B, H}, opts);
   at::Tensor u_T = new_output({B, H}, opts), eta_T = new_output({B, H}, opts);
@@ -367,7 +368,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const LayerShape sh = check_layer_args(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0);
   check_surrogate(surrogate);
   TORCH_CHECK(ckpt_every >= 1, "srnn_fast: ckpt_every must be >= 1 in backward; got ", ckpt_every);
-  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, I = sh.I, K = ckpt_every, C = (T_ + K - 1) / K;
+  const int64_t T_ = sh.T_, B = sh.B, H = sh.H, I = sh.I, K = std::min(ckpt_every, T_), C = (T_ + K - 1) / K;
   const auto dtype = w_rec.scalar_type();
   const at::Device dev = x.device();
   check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);

@@ -98,11 +98,26 @@ def build_model(config: dict) -> nn.Module:
                         dtype=dtype)
 
 
+def _is_time_constant(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("tau")
+
+
+@torch.no_grad()
+def clamp_time_constants(model: nn.Module) -> None:
+    """Project every time constant back to >= dt after an optimizer step. An Adam step of
+    size ~lr_tau can carry a small tau below zero (it did on ECG at lr_tau 3e-2), where
+    exp(-dt / tau) is meaningless and the scan rejects it; the floor dt keeps alpha = exp(-1)."""
+    floor = getattr(model, "dt", 1.0)
+    for name, p in model.named_parameters():
+        if _is_time_constant(name):
+            p.clamp_(min=floor)
+
+
 def param_groups(model: nn.Module, lr: float, lr_tau: float) -> list:
     """Time constants (tau_m, tau_adp, tau_out) learn at lr_tau, everything else at lr."""
     tau, rest = [], []
     for name, p in model.named_parameters():
-        (tau if name.rsplit(".", 1)[-1].startswith("tau") else rest).append(p)
+        (tau if _is_time_constant(name) else rest).append(p)
     groups = [{"params": rest, "lr": lr, "name": "weights"}]
     if tau:
         groups.append({"params": tau, "lr": lr_tau, "name": "tau"})
@@ -417,6 +432,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            clamp_time_constants(model)
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_sum.item() / max(count.item(), 1):.4f}")
         totals = _all_sum(totals.to(device)).cpu()

@@ -80,6 +80,24 @@ def test_validation_split_chooses_the_epoch(data_dir, tmp_path):
     assert m["best_val_acc"] == best["val_acc"]
 
 
+def test_time_constants_stay_above_dt_after_a_large_step():
+    cfg = {"model": "adaptive", "input_size": 3, "hidden_sizes": [5], "num_classes": 2, "readout": "integrator",
+           "decode": "per_step", "backend": "reference", "tau_out_init": [20.0, 5.0], "tau_m_init": [2.0, 0.5],
+           "tau_adp_init": [150.0, 10.0], "b0": 0.01, "surrogate": "gaussian", "init_state": "zeros"}
+    net = T.build_model(cfg)
+    opt = torch.optim.SGD(T.param_groups(net, 1.0, 100.0), lr=1.0)
+    for name, p in net.named_parameters():
+        p.grad = torch.ones_like(p)  # a step of -100 on every tau
+    opt.step()
+    taus = {n: p for n, p in net.named_parameters() if n.rsplit(".", 1)[-1].startswith("tau")}
+    before = {n: p.clone() for n, p in taus.items()}
+    assert min(p.min().item() for p in before.values()) < 0
+    T.clamp_time_constants(net)
+    for name, p in taus.items():  # negative ones at the floor dt = 1, the rest untouched
+        assert torch.equal(p, before[name].clamp(min=1.0)), name
+    assert net(torch.rand(2, 7, 3)).isfinite().all()
+
+
 def _params(path):
     return torch.load(path, weights_only=False)["model"]
 
