@@ -13,9 +13,11 @@ every contender alike).
 "peak" is torch.cuda.max_memory_allocated during fwd+bwd on CUDA; on the CPU it is not
 measured (torch's CPU allocator has no peak counter) and "saved" stands for it.
 
-torch.compile of the reference runs in a child process with a time limit
-(--compile-timeout): compiling a loop of T steps unrolls T steps, and a compile that fails
-or runs out of time is recorded as such instead of stopping the benchmark.
+torch.compile runs in a child process with a time limit (--compile-timeout), two ways:
+"compiled_reference" compiles the whole reference stack (Dynamo unrolls all T steps, which
+takes longer than the limit at the task shapes), "compiled_step" compiles the reference's
+per-step update (srnn_fast.reference.reference_step) and loops over it in Python. A compile
+that fails or runs out of time is recorded as such instead of stopping the benchmark.
 
     python bench/run.py                      # all shapes, every contender, on GPU if present
     python bench/run.py --quick              # tiny shapes and repeats, seconds (CI)
@@ -38,7 +40,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import srnn_fast  # noqa: E402
 from measure import median_time, saved_bytes  # noqa: E402
-from srnn_fast.reference import srnn_scan_ref  # noqa: E402
+from srnn_fast.reference import reference_step, srnn_scan_ref  # noqa: E402
 
 # B, T, layer sizes [input, hidden...], input kind.
 SHAPES = {
@@ -48,7 +50,8 @@ SHAPES = {
 }
 QUICK = dict(B=4, T=24)
 BASELINES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-PEERS = ("reference", "compiled_reference", *BASELINES)
+PEERS = ("reference", "compiled_step", "compiled_reference", *BASELINES)
+COMPILED = ("compiled_step", "compiled_reference")  # run in a child process with a time limit
 
 
 def fused_backends(device: torch.device) -> list:
@@ -82,6 +85,30 @@ class SRNNStack(nn.Module):
         return x
 
 
+class CompiledStepStack(nn.Module):
+    """The reference loop with its per-step update compiled (torch.compile of
+    srnn_fast.reference.reference_step): how a user gets torch.compile into a recurrence
+    without unrolling T steps. Same parameters as the other SRNN contenders."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.layers = SRNNStack(sizes, "reference").layers
+        self.step = torch.compile(reference_step, dynamic=False)
+
+    def forward(self, x):
+        for layer in self.layers:
+            cfg = layer.config
+            u, eta, s = layer.initial_state(x.shape[1])
+            alpha, rho = torch.exp(-cfg.dt / layer.tau_m), torch.exp(-cfg.dt / layer.tau_adp)
+            w_t = layer.w_rec.t()
+            out = []
+            for x_t in layer.input(x).unbind(0):
+                u, eta, s = self.step(x_t, u, eta, s, w_t, alpha, rho, cfg)
+                out.append(s)
+            x = torch.stack(out)
+        return x
+
+
 class RNNStack(nn.Module):
     """nn.LSTM / GRU / RNN layers of the same widths (separate modules: widths differ)."""
 
@@ -97,7 +124,12 @@ class RNNStack(nn.Module):
 
 def build(contender: str, sizes, device) -> nn.Module:
     torch.manual_seed(0)  # the same parameters for every SRNN contender
-    model = RNNStack(BASELINES[contender], sizes) if contender in BASELINES else SRNNStack(sizes, contender)
+    if contender in BASELINES:
+        model = RNNStack(BASELINES[contender], sizes)
+    elif contender == "compiled_step":
+        model = CompiledStepStack(sizes)
+    else:
+        model = SRNNStack(sizes, contender)
     model = model.to(device)
     if contender == "compiled_reference":
         model = torch.compile(model)
@@ -180,8 +212,8 @@ def run_child(args, contender: str, shape_name: str) -> dict:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"did not finish within --compile-timeout {args.compile_timeout:.0f} s "
-                         f"(torch.compile unrolls all T steps of the loop)"}
+        why = " (torch.compile unrolls all T steps of the loop)" if contender == "compiled_reference" else ""
+        return {"error": f"did not finish within --compile-timeout {args.compile_timeout:.0f} s{why}"}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
@@ -287,7 +319,7 @@ def main(argv=None) -> int:
         for w in wanted:  # a fused backend asked for by name but not usable here: say why
             if w in ("cpp", "cuda", "triton") and w not in fused:
                 print(f"note: backend {w!r} does not run on {device} here; skipped", file=sys.stderr)
-    skip_compile = args.quick and not (args.backends and "compiled_reference" in args.backends)
+    asked = args.backends.split(",") if args.backends else []
 
     invalid = {f: validate(f, device) for f in fused if f in contenders}
     for f, why in invalid.items():
@@ -300,10 +332,10 @@ def main(argv=None) -> int:
     tasks = [(s, c) for s in shapes for c in contenders]
     results = {s: {} for s in shapes}
     for shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
-        if c == "compiled_reference" and skip_compile:
+        if c in COMPILED and args.quick and c not in asked:
             results[shape_name][c] = {"note": "skipped under --quick (name it in --backends to run it)"}
             continue
-        if c == "compiled_reference":
+        if c in COMPILED:
             results[shape_name][c] = run_child(args, c, shape_name)
         else:
             try:

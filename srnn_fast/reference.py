@@ -80,13 +80,19 @@ def srnn_scan_ref(x_proj, w_rec, tau_m, tau_adp, state=None, *, neuron="adaptive
     out = []
     # unbind, not x_proj[t]: indexing makes autograd's backward quadratic in T.
     for x_t in x_proj.unbind(0):
-        eta = rho * eta + (1 - rho) * s
-        theta = cfg.b0 + cfg.beta * eta
-        current = x_t.to(s.dtype) + s @ w_t
-        u = alpha * u + (1 - alpha) * cfg.r_m * current - theta * s * cfg.dt
-        if cfg.binary:
-            s = SpikeFunction.apply(u - theta, cfg.surrogate, cfg.sigma, cfg.gamma)
-        else:
-            s = torch.relu(u - theta)
+        u, eta, s = reference_step(x_t, u, eta, s, w_t, alpha, rho, cfg)
         out.append(s)
     return torch.stack(out), SRNNState(u, eta, s)
+
+
+def reference_step(x_t, u, eta, s, w_t, alpha, rho, cfg):
+    """One step of the reference loop (w_t = w_rec.T, cfg a ScanConfig): (u, eta, s) at t."""
+    eta = rho * eta + (1 - rho) * s
+    theta = cfg.b0 + cfg.beta * eta
+    current = x_t.to(s.dtype) + s @ w_t
+    u = alpha * u + (1 - alpha) * cfg.r_m * current - theta * s * cfg.dt
+    if cfg.binary:
+        s = SpikeFunction.apply(u - theta, cfg.surrogate, cfg.sigma, cfg.gamma)
+    else:
+        s = torch.relu(u - theta)
+    return u, eta, s
