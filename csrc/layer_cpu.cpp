@@ -158,12 +158,14 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
   p.binary = BINARY;
   const int64_t H = a.H, B = a.B, T_ = a.T_, K = a.K, Hp = a.Hp, I = a.I, W = spike_words(H);
   const int64_t R = kRowBlock, b0 = blk * R, nr = std::min(R, B - b0);
-  // Segment buffers [R, K+1, H] (state before/after each step), [R, K, H] (s_{t-1}).
-  std::vector<T> u_seg(R * (K + 1) * H), e_seg(R * (K + 1) * H), s_seg(R * K * Hp), s_new(H);  // s_seg rows padded (unpack_bits)
+  // Segment buffers: u and eta [R, K+1, H] (the state before each step and after the last),
+  // s_{t-1} [R, K, Hp] (rows padded: unpack_bits writes whole vectors), and the active
+  // inputs / spikes of each step [R, K]. s_new takes the recomputed s_t (equal to the bits).
+  std::vector<T> u_seg(R * (K + 1) * H), e_seg(R * (K + 1) * H), s_seg(R * K * Hp), s_new(H);
   std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI(R * Hp, T(0)), dx(a.Ip);
   std::vector<double> dalpha(R * H, 0.0), drho(R * H, 0.0);
   StepScratch<T> sc(Hp);
-  std::vector<int32_t> xidx_seg(R * K * I), sidx_seg(R * K * H);  // [R, K, I], [R, K, H]
+  std::vector<int32_t> xidx_seg(R * K * I), sidx_seg(R * K * H);
   std::vector<Active> act_seg(R * K);
   for (int64_t k = 0; k < R * K; ++k) act_seg[k] = Active{xidx_seg.data() + k * I, sidx_seg.data() + k * H, 0, 0};
   std::vector<int32_t> all_rows(H);

@@ -7,8 +7,14 @@
 Presets (``PRESETS``) give the networks of the method: ECG 4 -> 36 -> 6 with a per-step
 integrator readout; S-MNIST / PS-MNIST 80 (RBF population) -> 120 -> 100 -> 10 with a spiking
 readout and spike-count decoding; SHD 700 -> 128 -> 128 -> 20 with the mean of the readout
-integrator. Every value can be overridden by a flag. Adam with two parameter groups (time
-constants tau_* at ``--lr-tau``, everything else at ``--lr``), StepLR decay per epoch.
+integrator. Every value can be overridden by a flag (e.g. ``--readout membrane``: the
+method's ECG readout, an adaptive spiking output layer whose membrane is the logit). Adam
+with two parameter groups (time constants tau_* at ``--lr-tau``, everything else at
+``--lr``; after each step every tau is projected to >= dt), StepLR decay per epoch.
+
+The best epoch (best.pt, ``best_test_acc`` = its test accuracy) is chosen on a validation
+set when the task has one (ECG: ``--val-fraction``, records held out of the training
+records), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
 
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
@@ -182,6 +188,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
     p.add_argument("--b0", type=_positive(float), default=0.01, help="baseline threshold")
+    p.add_argument("--grad-clip", type=_positive(float),
+                   help="clip the gradient's global norm to this before each step (default: no clipping)")
     p.add_argument("--surrogate", choices=("gaussian", "multi_gaussian"), default="gaussian")
     p.add_argument("--init-state", choices=("uniform", "zeros"), default="uniform",
                    help="initial membrane in training: U(0,1) or zeros")
@@ -237,7 +245,8 @@ def config_from_args(args, parser) -> dict:
                          f"(its data options: {', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS[args.task])})")
         data[key] = value
     cfg.update(data=data, neuron=args.model if args.model in SRNN_MODELS else None,
-               b0=args.b0, surrogate=args.surrogate, init_state=args.init_state, backend=args.backend,
+               b0=args.b0, grad_clip=args.grad_clip, surrogate=args.surrogate, init_state=args.init_state,
+               backend=args.backend,
                device=args.device, dtype=args.dtype, seed=args.seed, data_seed=args.data_seed,
                data_dir=args.data_dir, threads=args.threads)
     return cfg
@@ -431,6 +440,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             loss = loss_sum * (world / max(global_count, 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.get("grad_clip"):
+                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
             clamp_time_constants(model)
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
