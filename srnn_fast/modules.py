@@ -108,6 +108,12 @@ class SRNNLayer(nn.Module):
         _normal_init(self.tau_m, self.tau_m_init, floor=self.config.dt)
         _normal_init(self.tau_adp, self.tau_adp_init, floor=self.config.dt)
 
+    def scan_options(self) -> dict:
+        """The keyword arguments of srnn_scan / srnn_layer that this layer was configured with."""
+        c = self.config
+        return dict(neuron=c.neuron, b0=c.b0, beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate, sigma=c.sigma,
+                    gamma=c.gamma, backend=self.backend)
+
     def initial_state(self, batch: int) -> SRNNState:
         w = self.w_rec
         if self.training and self.init_state == "uniform":
@@ -130,10 +136,8 @@ class SRNNLayer(nn.Module):
             state = self.initial_state(x.shape[1])
         elif unbatched:
             state = SRNNState(*(t.unsqueeze(0) for t in state))
-        c = self.config
         s, state = srnn_layer(x, self.input.weight, self.input.bias, self.w_rec, self.tau_m, self.tau_adp, state,
-                              neuron=c.neuron, b0=c.b0, beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate,
-                              sigma=c.sigma, gamma=c.gamma, backend=self.backend)
+                              **self.scan_options())
         if unbatched:
             return s.squeeze(1), SRNNState(*(t.squeeze(0) for t in state))
         return (s.transpose(0, 1) if self.batch_first else s), state
@@ -206,11 +210,8 @@ class AdaptiveSRNN(nn.Module):
             out = self.output
             x_proj = out.input(h)
             state = out.initial_state(h.shape[1])
-            c = out.config
-            s, _ = srnn_scan(x_proj, out.w_rec, out.tau_m, out.tau_adp, state, neuron=c.neuron, b0=c.b0,
-                             beta=c.beta, dt=c.dt, r_m=c.r_m, surrogate=c.surrogate, sigma=c.sigma,
-                             gamma=c.gamma, backend=out.backend)
-            o = membrane_trace(s, x_proj, out.tau_m, out.tau_adp, state, c)
+            s, _ = srnn_scan(x_proj, out.w_rec, out.tau_m, out.tau_adp, state, **out.scan_options())
+            o = membrane_trace(s, x_proj, out.tau_m, out.tau_adp, state, out.config)
         if self.decode == "count":
             logits = o.sum(0)
         elif self.decode == "last":
