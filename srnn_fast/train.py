@@ -172,6 +172,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=SRNN_MODELS + BASELINES, default="adaptive",
                    help="adaptive / lif / relu SRNN, or a baseline")
     p.add_argument("--out", help="run folder (default runs/<task>_<model>)")
+    p.add_argument("--evaluate", metavar="RUN",
+                   help="evaluate a run folder's best.pt (or a checkpoint file) on its test set and exit; data "
+                        "options given here (e.g. --context) replace the run's; prints one JSON line")
     p.add_argument("--resume", help="run folder or checkpoint (last.pt) to continue; only --epochs, "
                    "--device, --threads, --quiet and --time-budget may change")
     p.add_argument("--data-dir", help="folder with qtdb/, mnist/, shd/ (default $SRNN_FAST_DATA)")
@@ -500,9 +503,41 @@ def _find_checkpoint(path: str) -> Path:
     return p
 
 
+def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") -> dict:
+    """Test (and validation) accuracy, loss and Fr of a checkpoint (a run folder means its
+    best.pt), on the run's data with ``data_overrides`` applied (e.g. {"context": 300})."""
+    p = Path(path)
+    p = p / "best.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--evaluate: no checkpoint at {p} (give a run folder holding best.pt, or the file)")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    cfg = dict(ckpt["config"], device=device)
+    unknown = sorted(set(data_overrides) - set(DATA_OPTIONS[cfg["task"]]))
+    if unknown:
+        raise ValueError(f"--evaluate: data option(s) {unknown} do not apply to task {cfg['task']}")
+    cfg["data"] = dict(cfg["data"], **data_overrides)
+    _, test_ds, info = _load_data(cfg)
+    val_ds = info.pop("val", None)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    out = {"checkpoint": str(p), "epoch": ckpt["epoch"], "data": cfg["data"],
+           **evaluate(model, test_ds, cfg, torch.device(device), dtype, 0, 1)}
+    if val_ds is not None:
+        v = evaluate(model, val_ds, cfg, torch.device(device), dtype, 0, 1)
+        out.update(val_acc=v["test_acc"], val_loss=v["test_loss"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.evaluate:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        overrides = {k: getattr(args, k) for k in ALL_DATA_OPTIONS if getattr(args, k) is not None}
+        print(json.dumps(evaluate_checkpoint(args.evaluate, overrides, args.device)))
+        return 0
     resume = None
     if args.resume:
         ckpt_path = _find_checkpoint(args.resume)

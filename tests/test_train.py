@@ -98,6 +98,25 @@ def test_time_constants_stay_above_dt_after_a_large_step():
     assert net(torch.rand(2, 7, 3)).isfinite().all()
 
 
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb for the tiny QTDB records")
+def test_evaluate_checkpoint_with_other_data_options(data_dir, tmp_path, capsys):
+    """--evaluate RUN reproduces the best epoch's test accuracy, and takes data overrides."""
+    out = tmp_path / "run"
+    run(["--task", "ecg", "--epochs", "2", "--batch-size", "8"] + TINY["ecg"], data_dir, out)
+    m = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert T.main(["--evaluate", str(out)]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plain["epoch"] == m["best_epoch"] and plain["test_acc"] == m["best_test_acc"]
+    assert T.main(["--evaluate", str(out), "--context", "40"]) == 0
+    ctx = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ctx["data"]["context"] == 40 and 0.0 <= ctx["test_acc"] <= 1.0
+    with pytest.raises(ValueError, match="do not apply"):
+        T.main(["--evaluate", str(out), "--window", "4"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        T.main(["--evaluate", str(tmp_path / "nothing")])
+
+
 def _params(path):
     return torch.load(path, weights_only=False)["model"]
 
