@@ -367,6 +367,20 @@ SRNN_INLINE void backward_neurons(const Params<T>& params, const Neurons<T>& nrn
   }
 }
 
+// grad_alpha [H], grad_rho [H] from the per-row float64 sums dalpha_num, drho [B, H], added
+// in row order (deterministic for any thread count), with the dL/dalpha identity's common
+// factor 1 / (1 - alpha) applied once (srnn_neuron.h).
+template <typename T>
+void reduce_tau_grads(const double* dalpha_num, const double* drho, int64_t B, int64_t H, const Neurons<T>& nrn,
+                      T* grad_alpha, T* grad_rho) {
+  for (int64_t i = 0; i < H; ++i) {
+    double sa = 0.0, sr = 0.0;
+    for (int64_t b = 0; b < B; ++b) sa += dalpha_num[b * H + i], sr += drho[b * H + i];
+    grad_alpha[i] = T(sa / double(nrn.one_m_alpha[i]));
+    grad_rho[i] = T(sr);
+  }
+}
+
 // Backward kernels process batch rows in blocks of kRowBlock in lockstep over t, so that each
 // row of W read for the W^T dI_t products serves every row of the block.
 constexpr int64_t kRowBlock = 4;

@@ -420,14 +420,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
       for (int64_t blk = begin; blk < end; ++blk) layer_backward_any(args, g, p, nrn, blk);
     });
     // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
-    T* ga = grad_alpha.data_ptr<T>();
-    T* gr = grad_rho.data_ptr<T>();
-    for (int64_t i = 0; i < H; ++i) {
-      double sa = 0.0, sr = 0.0;
-      for (int64_t b = 0; b < B; ++b) sa += dalpha_part[b * H + i], sr += drho_part[b * H + i];
-      ga[i] = T(sa / double(nrn.one_m_alpha[i]));  // the dL/dalpha identity's factor (srnn_neuron.h)
-      gr[i] = T(sr);
-    }
+    reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
     reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
     reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
     if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());

@@ -324,15 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::parallel_for(0, (B + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
       backward_rows_any(args, p, nrn, begin * kRowBlock, std::min(B, end * kRowBlock));
     });
-    T* ga = grad_alpha.data_ptr<T>();
-    T* gr = grad_rho.data_ptr<T>();
-    for (int64_t i = 0; i < H; ++i) {
-      double sa = 0.0, sr = 0.0;
-      for (int64_t b = 0; b < B; ++b) sa += dalpha_part[b * H + i], sr += drho_part[b * H + i];
-      // The dL/dalpha identity's common factor 1 / (1 - alpha), applied once (srnn_neuron.h).
-      ga[i] = T(sa / double(nrn.one_m_alpha[i]));
-      gr[i] = T(sr);
-    }
+    reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
   });
   return {grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }
