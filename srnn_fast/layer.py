@@ -38,7 +38,11 @@ CKPT_EVERY = 32
 
 def has_fused_layer(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` (already resolved) has fused layer kernels for ``device``."""
-    return backend == "cpp" and device.type == "cpu" and _has_kernel("srnn_fast::layer_fwd", "CPU")
+    if backend != "cpp" or device.type != "cpu":
+        return False
+    from . import _ops  # noqa: F401  (loads the extension, which registers the ops)
+
+    return _has_kernel("srnn_fast::layer_fwd", "CPU")
 
 
 class SRNNLayerFunction(torch.autograd.Function):

@@ -72,7 +72,10 @@ class Kernels(NamedTuple):
 
 @torch.compiler.assume_constant_result  # registrations are fixed once loaded; no graph break
 def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+    except RuntimeError:  # no such op: an extension built from an older version of the sources
+        return False
 
 
 def _extension_kernels(dispatch_key: str, hint: str) -> Kernels:
