@@ -413,7 +413,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         sched.load_state_dict(resume["scheduler"])
         rng = resume["rng_state"]
         _set_rng_state(rng["ranks"][rank] if world > 1 else rng, loader_gen)
-        start_epoch, best = resume["epoch"] + 1, resume["best_score"]
+        # "best_test_acc": the key of checkpoints written before validation splits existed
+        start_epoch, best = resume["epoch"] + 1, resume.get("best_score", resume.get("best_test_acc"))
         metrics = json.loads((out / "metrics.json").read_text())
         metrics["epochs"] = [e for e in metrics["epochs"] if e["epoch"] <= resume["epoch"]]
     if rank == 0:
