@@ -109,6 +109,54 @@ class CompiledStepStack(nn.Module):
         return x
 
 
+class SnnTorchStack(nn.Module):
+    """snnTorch peer: nn.Linear input projection + snntorch.RLeaky (all-to-all recurrent
+    LIF), stepped over t as snnTorch's own examples do."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        import snntorch
+
+        self.inputs = nn.ModuleList(nn.Linear(i, h) for i, h in zip(sizes[:-1], sizes[1:]))
+        self.cells = nn.ModuleList(snntorch.RLeaky(beta=0.95, linear_features=h) for h in sizes[1:])
+
+    def forward(self, x):
+        for linear, cell in zip(self.inputs, self.cells):
+            spk, mem = cell.init_rleaky()
+            out = []
+            for current in linear(x).unbind(0):
+                spk, mem = cell(current, spk, mem)
+                out.append(spk)
+            x = torch.stack(out)
+        return x
+
+
+class NorseStack(nn.Module):
+    """norse peer: norse.torch.LSNNRecurrent layers (adaptive LIF with input and recurrent
+    weights), each run over the whole sequence by norse."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        from norse.torch import LSNNRecurrent
+
+        self.layers = nn.ModuleList(LSNNRecurrent(i, h) for i, h in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# Peers from other SNN libraries, benchmarked where they are installed (SPEC section 6).
+LIBRARY_PEERS = {"norse": ("norse", NorseStack), "snntorch": ("snntorch", SnnTorchStack)}
+
+
 class RNNStack(nn.Module):
     """nn.LSTM / GRU / RNN layers of the same widths (separate modules: widths differ)."""
 
@@ -126,6 +174,8 @@ def build(contender: str, sizes, device) -> nn.Module:
     torch.manual_seed(0)  # the same parameters for every SRNN contender
     if contender in BASELINES:
         model = RNNStack(BASELINES[contender], sizes)
+    elif contender in LIBRARY_PEERS:
+        model = LIBRARY_PEERS[contender][1](sizes)
     elif contender == "compiled_step":
         model = CompiledStepStack(sizes)
     else:
@@ -309,7 +359,7 @@ def main(argv=None) -> int:
         return 0
 
     fused = fused_backends(device)
-    contenders = fused + list(PEERS)
+    contenders = fused + list(PEERS) + [p for p, (module, _) in LIBRARY_PEERS.items() if _importable(module)]
     if args.backends:
         wanted = args.backends.split(",")
         unknown = [w for w in wanted if w not in contenders and w not in ("cpp", "cuda", "triton")]
