@@ -381,6 +381,20 @@ void reduce_tau_grads(const double* dalpha_num, const double* drho, int64_t B, i
   }
 }
 
+// Writes what a backward block of nr rows (first row b0) carried to the end: dL/du_0,
+// dL/deta_0, dL/ds_0 [nr, H] and the per-row dL/dalpha, dL/drho sums (float64).
+template <typename T>
+void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* deta, const T* ds,
+                       const double* dalpha, const double* drho, T* grad_u0, T* grad_eta0, T* grad_s0,
+                       double* dalpha_rows, double* drho_rows) {
+  const int64_t off = b0 * H, n = nr * H;  // rows b0 .. b0 + nr - 1 are contiguous
+  std::memcpy(grad_u0 + off, du, n * sizeof(T));
+  std::memcpy(grad_eta0 + off, deta, n * sizeof(T));
+  std::memcpy(grad_s0 + off, ds, n * sizeof(T));
+  std::memcpy(dalpha_rows + off, dalpha, n * sizeof(double));
+  std::memcpy(drho_rows + off, drho, n * sizeof(double));
+}
+
 // Backward kernels process batch rows in blocks of kRowBlock in lockstep over t, so that each
 // row of W read for the W^T dI_t products serves every row of the block.
 constexpr int64_t kRowBlock = 4;

@@ -229,14 +229,8 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
       add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
     }
   }
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t b = b0 + r;
-    std::memcpy(g.grad_u0 + b * H, du.data() + r * H, H * sizeof(T));
-    std::memcpy(g.grad_eta0 + b * H, deta.data() + r * H, H * sizeof(T));
-    std::memcpy(g.grad_s0 + b * H, ds.data() + r * H, H * sizeof(T));
-    std::memcpy(g.dalpha_num + b * H, dalpha.data() + r * H, H * sizeof(double));
-    std::memcpy(g.drho + b * H, drho.data() + r * H, H * sizeof(double));
-  }
+  store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), g.grad_u0, g.grad_eta0,
+                    g.grad_s0, g.dalpha_num, g.drho);
 }
 
 #define SRNN_LAYER_BWD(NAME, T, BINARY)                                                                     \

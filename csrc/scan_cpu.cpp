@@ -243,14 +243,8 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
       for (int64_t r = 0; r < R; ++r) dI_rows[r] = r < nr ? a.grad_x + ((t - 1) * B + b0 + r) * H : zeros.data();
       add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
     }
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t b = b0 + r;
-      std::memcpy(a.grad_u0 + b * H, du.data() + r * H, H * sizeof(T));
-      std::memcpy(a.grad_eta0 + b * H, deta.data() + r * H, H * sizeof(T));
-      std::memcpy(a.grad_s0 + b * H, ds.data() + r * H, H * sizeof(T));
-      std::memcpy(a.dalpha_num + b * H, dalpha.data() + r * H, H * sizeof(double));
-      std::memcpy(a.drho + b * H, drho.data() + r * H, H * sizeof(double));
-    }
+    store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), a.grad_u0,
+                      a.grad_eta0, a.grad_s0, a.dalpha_num, a.drho);
   }
 }
 
