@@ -73,4 +73,18 @@ inline void check_surrogate(int64_t surrogate) {
 // Number of int32 words holding one row of H spike bits.
 inline int64_t spike_words(int64_t H) { return (H + 31) / 32; }
 
+// The tensors every backward op takes besides its forward's inputs: the output gradients
+// and the saved spikes (bits for spiking neurons, the activations for relu).
+inline void check_backward_inputs(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T,
+                                  const at::Tensor& spikes, bool binary, int64_t T, int64_t B, int64_t H,
+                                  at::ScalarType dtype, const at::Device& device) {
+  check_input(grad_s, "grad_s", {T, B, H}, "[T, B, H]", dtype, device);
+  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, device);
+  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, device);
+  if (binary)
+    check_input(spikes, "spikes (spike bits)", {T, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, device);
+  else
+    check_input(spikes, "spikes (relu activations)", {T, B, H}, "[T, B, H]", dtype, device);
+}
+
 }  // namespace srnn

@@ -367,15 +367,9 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const int64_t T_ = sh.T_, B = sh.B, H = sh.H, I = sh.I, K = std::min(ckpt_every, T_), C = (T_ + K - 1) / K;
   const auto dtype = w_rec.scalar_type();
   const at::Device dev = x.device();
-  check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);
-  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, dev);
-  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, dev);
   check_input(u_ckpt, "u_ckpt", {C, B, H}, "[ceil(T / ckpt_every), B, H]", dtype, dev);
   check_input(eta_ckpt, "eta_ckpt", {C, B, H}, "[ceil(T / ckpt_every), B, H]", dtype, dev);
-  if (binary)
-    check_input(spikes, "spikes (spike bits)", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, dev);
-  else
-    check_input(spikes, "spikes (relu activations)", {T_, B, H}, "[T, B, H]", dtype, dev);
+  check_backward_inputs(grad_s, grad_u_T, grad_eta_T, spikes, binary, T_, B, H, dtype, dev);
 
   const auto opts = w_rec.options();
   const bool has_bias = bias.has_value() && bias->defined();

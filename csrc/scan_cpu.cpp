@@ -275,14 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Device dev = grad_s.device();
   check_scan_params(w_rec, alpha, rho, u0, eta0, s0, B, H, dev);
   const auto dtype = w_rec.scalar_type();
-  check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dtype, dev);
-  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dtype, dev);
-  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dtype, dev);
   check_input(u_seq, "u_seq", {T_, B, H}, "[T, B, H]", dtype, dev);
-  if (binary)
-    check_input(spikes, "spikes (spike bits)", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)]", at::kInt, dev);
-  else
-    check_input(spikes, "spikes (relu activations)", {T_, B, H}, "[T, B, H]", dtype, dev);
+  check_backward_inputs(grad_s, grad_u_T, grad_eta_T, spikes, binary, T_, B, H, dtype, dev);
 
   const auto opts = w_rec.options();
   at::Tensor grad_x = new_output({T_, B, H}, opts);

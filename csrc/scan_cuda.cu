@@ -593,13 +593,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto dt_ = w_rec.scalar_type();
   const auto dev = w_rec.device();
   check_input(u_seq, "u_seq", {T_, B, H}, "[T, B, H]", dt_, dev);
-  check_input(grad_s, "grad_s", {T_, B, H}, "[T, B, H]", dt_, dev);
-  check_input(grad_u_T, "grad_u_T", {B, H}, "[B, H]", dt_, dev);
-  check_input(grad_eta_T, "grad_eta_T", {B, H}, "[B, H]", dt_, dev);
-  if (binary)
-    check_input(spikes, "spikes", {T_, B, spike_words(H)}, "[T, B, ceil(H/32)] (packed spike bits)", at::kInt, dev);
-  else
-    check_input(spikes, "spikes", {T_, B, H}, "[T, B, H] (relu activations)", dt_, dev);
+  check_backward_inputs(grad_s, grad_u_T, grad_eta_T, spikes, binary, T_, B, H, dt_, dev);
   const c10::cuda::CUDAGuard guard(dev);
 
   const at::Tensor gs = grad_s.contiguous(), gu = grad_u_T.contiguous(), ge = grad_eta_T.contiguous();

@@ -89,8 +89,7 @@ def srnn_layer(x, w_in, bias, w_rec, tau_m, tau_adp, state=None, *, neuron="adap
                          dt=dt, r_m=r_m, surrogate=surrogate, sigma=sigma, gamma=gamma, backend=name)
     state = check_layer_args(x, w_in, bias, w_rec, tau_m, tau_adp, state)
     cfg = check_config(neuron, b0, beta, dt, r_m, surrogate, sigma, gamma)
-    T, B, _ = x.shape
-    u0, eta0, s0 = state if state is not None else initial_state(B, w_rec.shape[0], cfg.b0, w_rec)
+    u0, eta0, s0 = state if state is not None else initial_state(x.shape[1], w_rec.shape[0], cfg.b0, w_rec)
     alpha = torch.exp(-cfg.dt / tau_m)
     rho = torch.exp(-cfg.dt / tau_adp)
     tensors = (x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0)
