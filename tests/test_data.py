@@ -137,6 +137,39 @@ def test_ecg_context_precedes_each_window(tiny):
         build_datasets("ecg", tiny, seq_len=500, context=-1)
 
 
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb (and with it scipy)")
+def test_bandpass_removes_baseline_and_noise_keeps_waves():
+    """filter="bandpass": a slow baseline wander and 50 Hz mains are removed, a QRS-like
+    pulse and a P-like wave keep their shape."""
+    fs = 250.0
+    t = np.arange(5000) / fs
+    beats = np.zeros_like(t)
+    for c in np.arange(0.5, 20, 0.8):  # one beat every 0.8 s: a P wave (0.1 s) then a QRS (0.04 s)
+        beats += 0.15 * np.exp(-0.5 * ((t - c) / 0.025) ** 2) + 1.0 * np.exp(-0.5 * ((t - c - 0.16) / 0.01) ** 2)
+    wander, mains = 0.8 * np.sin(2 * np.pi * 0.3 * t), 0.1 * np.sin(2 * np.pi * 50 * t)
+    raw = np.stack([beats + wander + mains, -beats + 0.5 * wander], axis=1)
+    out = qtdb.bandpass(raw, fs)
+    assert out.shape == raw.shape
+    inner = slice(250, -250)  # away from the ends of the filters
+    for lead, sign in ((0, 1), (1, -1)):
+        err = out[inner, lead] - sign * beats[inner]
+        # what is left of the 0.8 / 0.1 amplitude wander / mains, and how much of the waves
+        assert np.abs(err - err.mean()).max() < 0.12 and np.corrcoef(out[inner, lead], beats[inner])[0, 1] * sign > 0.98
+
+
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb")
+def test_ecg_filter_option(tiny, cache):
+    plain = build_datasets("ecg", tiny, seq_len=500)[0]
+    filtered = build_datasets("ecg", tiny, seq_len=500, filter="bandpass")[0]
+    assert filtered.x.shape == plain.x.shape and not torch.equal(filtered.x, plain.x)
+    assert len(list(cache.glob("qtdb-*.npz"))) == 2  # its own cache file
+    name = sorted(p.name[:-4] for p in (tiny / "qtdb").glob("*.q1c"))[0]
+    signal, _, _ = qtdb.load_record(tiny / "qtdb", name, filter="bandpass")
+    assert abs(signal.mean()) < 1e-9 and np.allclose(signal.std(axis=0), 1.0)
+    with pytest.raises(ValueError, match="filter must be one of 'none', 'bandpass'; got 'lowpass'"):
+        build_datasets("ecg", tiny, seq_len=500, filter="lowpass")
+
+
 def test_split_by_record(tiny):
     for seed in range(4):
         train, test, info = build_datasets("ecg", tiny, seed=seed, seq_len=500)

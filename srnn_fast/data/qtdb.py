@@ -21,8 +21,12 @@ with an optional onset '(' right before it and offset ')' right after it. The ru
    median TP is 73 samples = 0.29 s; 10 % exceed 0.73 s, nearly all of them skipped beats.)
 4. Everything before the first and after the last boundary is -1.
 
-Inputs: per record, each lead is normalised to zero mean and unit standard deviation over
-the whole record, then level-crossing encoded (``encoders.level_crossing``, threshold 0.3
+Inputs: per record, each lead is optionally filtered (``filter``: "none", the default, or
+"bandpass": the baseline, estimated by a 200 ms then a 600 ms running median, is subtracted
+and a zero-phase 4th-order Butterworth low-pass at 40 Hz removes mains and muscle noise;
+without it baseline wander inflates a record's standard deviation, so the same threshold
+means a different amplitude in each record, and noise fires spurious events), normalised
+to zero mean and unit standard deviation over the whole record, then level-crossing encoded (``encoders.level_crossing``, threshold 0.3
 by default) into up/down spikes: 4 channels (lead 0 up, lead 0 down, lead 1 up, lead 1
 down). The encoder runs continuously over the span covered by a record's windows.
 
@@ -58,6 +62,7 @@ from .encoders import level_crossing
 CLASSES = ("P", "PQ", "QR", "RS", "ST", "TP")
 P, PQ, QR, RS, ST, TP = range(6)
 N_LEADS = 2
+FILTERS = ("none", "bandpass")
 # Bump when the preprocessing changes, so stale cache files are not reused.
 _CACHE_VERSION = 1
 
@@ -101,8 +106,19 @@ def record_names(qtdb_dir: pathlib.Path) -> list:
     return names
 
 
-def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0):
-    """One record: (normalised signal float64 [n, 2], labels int8 [n], fs)."""
+def bandpass(signal: np.ndarray, fs: float) -> np.ndarray:
+    """The "bandpass" filter of the module docstring, per column of ``signal`` [n, leads]."""
+    from scipy import ndimage, signal as sps  # scipy comes with wfdb
+
+    baseline = signal
+    for seconds in (0.2, 0.6):
+        baseline = ndimage.median_filter(baseline, size=(int(seconds * fs) | 1, 1), mode="nearest")
+    b, a = sps.butter(4, 40.0 / (fs / 2))
+    return sps.filtfilt(b, a, signal - baseline, axis=0)
+
+
+def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0, filter: str = "none"):
+    """One record: (filtered and normalised signal float64 [n, 2], labels int8 [n], fs)."""
     import wfdb
 
     stem = qtdb_dir / name
@@ -124,6 +140,8 @@ def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0):
         raise DataError(f"QTDB record {name}: {stem}.dat holds {len(signal)} samples, the header says "
                         f"{rec.sig_len}; the file is truncated: download it again")
     # Invalid samples read as NaN; they are excluded from the statistics and set to the mean.
+    if filter == "bandpass":  # (NaNs would spread through the filters: they become the lead's mean first)
+        signal = bandpass(np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal), rec.fs)
     mean = np.nanmean(signal, axis=0)
     std = np.nanstd(signal, axis=0)
     std[~(std > 0)] = 1.0
@@ -147,7 +165,7 @@ def window_starts(labels: np.ndarray, seq_len: int, stride: int, min_labelled: f
 
 def preprocess(qtdb_dir, seq_len: int = 1301, threshold: float = 0.3, stride: Optional[int] = None,
                min_labelled: float = 0.5, records: Optional[Sequence[str]] = None,
-               max_tp_s: float = 1.0, context: int = 0) -> dict:
+               max_tp_s: float = 1.0, context: int = 0, filter: str = "none") -> dict:
     """Encode and cut the raw records: dict of x uint8 [N, C + T, 4], y int8 [N, C + T], record
     str [N] (C = ``context``, see the module docstring)."""
     qtdb_dir = pathlib.Path(qtdb_dir)
@@ -155,7 +173,7 @@ def preprocess(qtdb_dir, seq_len: int = 1301, threshold: float = 0.3, stride: Op
     names = record_names(qtdb_dir) if records is None else list(records)
     xs, ys, recs = [], [], []
     for name in names:
-        signal, labels, _ = load_record(qtdb_dir, name, max_tp_s)
+        signal, labels, _ = load_record(qtdb_dir, name, max_tp_s, filter)
         starts = window_starts(labels, seq_len, stride, min_labelled)
         if not starts:
             continue
@@ -235,7 +253,8 @@ def _cache_key(qtdb_dir: pathlib.Path, names, settings: dict) -> str:
 
 def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, threshold: float = 0.3,
               test_fraction: float = 0.2, npz=None, stride: Optional[int] = None, records=None,
-              cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0):
+              cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0,
+              filter: str = "none"):
     """Train/test SequenceDatasets of (x float32 [T, 4], y int64 [T]) and an info dict.
 
     ``val_fraction`` > 0 holds out that fraction of the *training* records (by record, seed
@@ -245,7 +264,7 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     ``data_dir`` holds ``qtdb/`` (unused when ``npz`` is given). ``records`` restricts to
     the named records (e.g. a few for a smoke test). ``seq_len`` defaults to 1301; with
     ``npz`` it defaults to the file's T and must match it if given, while threshold,
-    stride, records, min_labelled and context do not apply (the file is already encoded and cut).
+    stride, records, min_labelled, context and filter do not apply (the file is already encoded and cut).
     """
     test_fraction, val_fraction = float(test_fraction), float(val_fraction)
     if not 0 < test_fraction < 1:
@@ -265,6 +284,8 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
         context = check_int("context", context, 0)
         if not (isinstance(threshold, (int, float)) and np.isfinite(threshold) and threshold > 0):
             raise ValueError(f"threshold must be a finite positive number; got {threshold!r}")
+        if filter not in FILTERS:
+            raise ValueError(f"filter must be one of {', '.join(map(repr, FILTERS))}; got {filter!r}")
         if not 0 < min_labelled <= 1:
             raise ValueError(f"min_labelled must be in (0, 1]; got {min_labelled!r}")
         qtdb_dir = pathlib.Path(data_dir) / "qtdb"
@@ -273,8 +294,10 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
                             "(see python -m srnn_fast.data.download qtdb)")
         names = record_names(qtdb_dir) if records is None else sorted(records)
         settings = dict(seq_len=seq_len, threshold=float(threshold), stride=stride, min_labelled=min_labelled)
-        if context:  # (absent when 0, so existing cache files keep their keys)
+        if context:  # (absent when 0 / "none", so existing cache files keep their keys)
             settings["context"] = context
+        if filter != "none":
+            settings["filter"] = filter
         cache = resolve_cache_dir(cache_dir) / f"qtdb-{_cache_key(qtdb_dir, names, settings)}.npz"
         if cache.is_file():
             try:
