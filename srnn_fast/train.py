@@ -32,6 +32,7 @@ between ranks and between a 1- and a 2-process run; with init_state="zeros" the 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -143,6 +144,16 @@ def _pair(text: str) -> list:
     return [mean, std]
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}")
+    return value
+
+
 def _sizes(text: str) -> list:
     try:
         sizes = [int(v) for v in text.split(",")]
@@ -191,6 +202,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
     p.add_argument("--b0", type=_positive(float), default=0.01, help="baseline threshold")
+    p.add_argument("--ema", type=_fraction, metavar="DECAY",
+                   help="evaluate and checkpoint an exponential moving average of the weights, updated after "
+                        "every step with this decay in (0, 1) (e.g. 0.99); training itself is unchanged")
     p.add_argument("--grad-clip", type=_positive(float),
                    help="clip the gradient's global norm to this before each step (default: no clipping)")
     p.add_argument("--surrogate", choices=("gaussian", "multi_gaussian"), default="gaussian")
@@ -250,7 +264,7 @@ def config_from_args(args, parser) -> dict:
                          f"(its data options: {', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS[args.task])})")
         data[key] = value
     cfg.update(data=data, neuron=args.model if args.model in SRNN_MODELS else None,
-               b0=args.b0, grad_clip=args.grad_clip, surrogate=args.surrogate, init_state=args.init_state,
+               b0=args.b0, grad_clip=args.grad_clip, ema=args.ema, surrogate=args.surrogate, init_state=args.init_state,
                backend=args.backend,
                device=args.device, dtype=args.dtype, seed=args.seed, data_seed=args.data_seed,
                data_dir=args.data_dir, threads=args.threads)
@@ -371,9 +385,41 @@ def _load_data(cfg: dict):
     return train_ds, test_ds, info
 
 
-def _checkpoint(model, opt, sched, epoch, cfg, rng, best):
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+def _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema):
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "epoch": epoch, "config": cfg, "rng_state": rng, "best_score": best}
+    if ema is not None:  # the weights that were evaluated (--evaluate loads them)
+        ckpt["ema"] = ema.state_dict()
+    return ckpt
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters and buffers (``--ema``): after every
+    optimizer step avg = decay * avg + (1 - decay) * w. Averaging damps the epoch-to-epoch
+    swings of a small network trained at a high learning rate, so the epoch chosen on
+    validation data is less a matter of luck. Time constants stay >= dt (a convex combination)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"ema decay must be in (0, 1); got {decay!r}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, w in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.is_floating_point():
+                avg.lerp_(w, 1 - self.decay)
+            else:
+                avg.copy_(w)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
 
 
 def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_budget: float = None) -> dict:
@@ -406,6 +452,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     opt = torch.optim.Adam(param_groups(model, cfg["lr"], cfg["lr_tau"]))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["lr_step"], gamma=cfg["lr_gamma"])
     loader_gen = torch.Generator().manual_seed(cfg["seed"])
+    ema = WeightEMA(model, cfg["ema"]) if cfg.get("ema") else None
     metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"],
                "selected_on": "val" if val_ds is not None else "test"}
     start_epoch, best = 1, -1.0
@@ -413,6 +460,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
         rng = resume["rng_state"]
         _set_rng_state(rng["ranks"][rank] if world > 1 else rng, loader_gen)
         # "best_test_acc": the key of checkpoints written before validation splits existed
@@ -450,13 +499,16 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
                 nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
             clamp_time_constants(model)
+            if ema is not None:
+                ema.update(model)
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_sum.item() / max(count.item(), 1):.4f}")
         totals = _all_sum(totals.to(device)).cpu()
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        result = evaluate(model, test_ds, cfg, device, dtype, rank, world)
-        val = evaluate(model, val_ds, cfg, device, dtype, rank, world) if val_ds is not None else None
+        evaluated = model if ema is None else ema.model
+        result = evaluate(evaluated, test_ds, cfg, device, dtype, rank, world)
+        val = evaluate(evaluated, val_ds, cfg, device, dtype, rank, world) if val_ds is not None else None
         elapsed = time.perf_counter() - t0
         n = max(totals[1].item(), 1.0)
         entry = {"epoch": epoch, "loss": totals[0].item() / n, "train_acc": totals[2].item() / n,
@@ -479,7 +531,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             dist.all_gather_object(ranks, rng)
             rng = dict(ranks[0], ranks=ranks)
         if rank == 0:
-            ckpt = _checkpoint(model, opt, sched, epoch, cfg, rng, best)
+            ckpt = _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema)
             _atomic_write(out / "last.pt", lambda p: torch.save(ckpt, p))
             if improved:
                 _atomic_write(out / "best.pt", lambda p: torch.save(ckpt, p))
@@ -522,7 +574,7 @@ def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") ->
     _, test_ds, info = _load_data(cfg)
     val_ds = info.pop("val", None)
     model = build_model(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt.get("ema", ckpt["model"]))  # the weights that were evaluated in training
     dtype = getattr(torch, cfg.get("dtype", "float32"))
     out = {"checkpoint": str(p), "epoch": ckpt["epoch"], "data": cfg["data"],
            **evaluate(model, test_ds, cfg, torch.device(device), dtype, 0, 1)}

@@ -137,6 +137,42 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert [e["test_acc"] for e in m["epochs"]] == [e["test_acc"] for e in m_full["epochs"]]
 
 
+def test_weight_ema_update():
+    net = torch.nn.Linear(3, 2)
+    ema = T.WeightEMA(net, 0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    for k, w in net.state_dict().items():
+        torch.testing.assert_close(ema.state_dict()[k], 0.9 * before[k] + 0.1 * w, rtol=0, atol=1e-7)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ValueError, match="ema decay must be in"):
+        T.WeightEMA(net, 1.0)
+
+
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb for the tiny QTDB records")
+def test_ema_run_evaluates_resumes_and_reloads_the_average(data_dir, tmp_path, capsys):
+    """--ema: the averaged weights are what is evaluated and checkpointed; resume stays exact."""
+    args = ["--task", "ecg", "--batch-size", "8", "--ema", "0.5", "--model", "lif"] + TINY["ecg"]
+    run(args + ["--epochs", "3"], data_dir, tmp_path / "full")
+    run(args + ["--epochs", "2"], data_dir, tmp_path / "part")
+    assert T.main(["--resume", str(tmp_path / "part"), "--epochs", "3", "--quiet"]) == 0
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    part = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    for key in ("model", "ema"):
+        for k in full[key]:
+            assert torch.equal(full[key][k], part[key][k]), (key, k)
+    assert not all(torch.equal(full["model"][k], full["ema"][k]) for k in full["model"])
+    m = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert [e["test_acc"] for e in m["epochs"]] == [
+        e["test_acc"] for e in json.loads((tmp_path / "part" / "metrics.json").read_text())["epochs"]]
+    capsys.readouterr()
+    assert T.main(["--evaluate", str(tmp_path / "full")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["epoch"] == m["best_epoch"] and out["test_acc"] == m["best_test_acc"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["ecg", "shd"])
 def test_ddp_two_processes_equal_one(task, data_dir, tmp_path):
@@ -206,6 +242,7 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "ecg", "--tau-m-init", "20"], "MEAN,STD"),
     (["--task", "smnist", "--seq-len", "100"], "--seq-len does not apply to --task smnist"),
     (["--task", "shd", "--frame-ms", "5"], "invalid choice"),
+    (["--task", "ecg", "--ema", "1"], "expected a number in (0, 1); got '1'"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
