@@ -71,12 +71,12 @@ PRESETS = {
 }
 # Data options a task accepts (passed to srnn_fast.data.build_datasets), with their CLI flags.
 DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction", "npz", "stride", "cache_dir",
-                        "context", "filter"),
+                        "context", "filter", "augment"),
                 "smnist": ("encoding", "population", "window", "limit"),
                 "psmnist": ("encoding", "population", "window", "limit"),
                 "shd": ("frame_ms", "limit")}
 ALL_DATA_OPTIONS = ("seq_len", "threshold", "test_fraction", "val_fraction", "context", "npz", "stride", "cache_dir", "encoding", "population", "window",
-                    "limit", "frame_ms", "filter")
+                    "limit", "frame_ms", "filter", "augment")
 METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr")
 
 
@@ -231,6 +231,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "before each window, so the network enters it running (default 0)")
     g.add_argument("--filter", choices=("none", "bandpass"),
                    help="ecg: filter of the raw leads before normalisation (bandpass: baseline removal + 40 Hz low-pass)")
+    g.add_argument("--augment", type=int, metavar="K",
+                   help="ecg: add K randomly distorted copies (gain, time stretch, noise) of each training record")
     g.add_argument("--stride", type=_positive(int), help="ecg: steps between window starts (default seq_len)")
     g.add_argument("--cache-dir", help="ecg: folder for the preprocessed-record cache")
     g.add_argument("--encoding", choices=("rbf", "analog", "poisson", "window"), help="smnist/psmnist")

@@ -170,6 +170,49 @@ def test_ecg_filter_option(tiny, cache):
         build_datasets("ecg", tiny, seq_len=500, filter="lowpass")
 
 
+def test_distort_gain_stretch_noise():
+    rng = np.random.default_rng(0)
+    n = 2000
+    signal = np.stack([np.sin(np.arange(n) / 20.0), np.cos(np.arange(n) / 30.0)], axis=1)
+    labels = (np.arange(n) // 100 % 6).astype(np.int8)
+    out, lab = qtdb.distort(signal, labels, np.random.default_rng(0), noise=0.0)
+    factor = len(out) / n
+    assert 0.9 <= factor <= 1.1 and len(lab) == len(out) and lab.dtype == np.int8
+    # Stretch: each label segment is ~100 * factor samples long; gains per lead in [0.6, 1.6].
+    runs = np.diff(np.flatnonzero(np.diff(lab.astype(int)) != 0))
+    assert np.abs(runs - 100 * factor).max() <= 1.5
+    gains = np.abs(out).max(axis=0) / np.abs(signal).max(axis=0)
+    assert ((gains > 0.59) & (gains < 1.61)).all() and abs(gains[0] - gains[1]) > 1e-3
+    noisy, _ = qtdb.distort(signal, labels, np.random.default_rng(0))  # same draws, plus noise
+    assert 0.02 < (noisy - out).std() < 0.04
+    again, _ = qtdb.distort(signal, labels, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, noisy)
+
+
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb")
+def test_ecg_augment_only_the_training_records(tiny):
+    plain_train, plain_test, info = build_datasets("ecg", tiny, seq_len=500)
+    train, test, info_aug = build_datasets("ecg", tiny, seq_len=500, augment=2)
+    assert torch.equal(test.x, plain_test.x) and torch.equal(test.y, plain_test.y)
+    assert info_aug["train_records"] == info["train_records"]
+    assert torch.equal(train.x[:len(plain_train)], plain_train.x)  # the records first, then the copies
+    extra = train.x[len(plain_train):]
+    assert len(extra) >= len(plain_train)  # 2 copies, each ~ as many windows as the record (+-10 % length)
+    assert not any(torch.equal(e, p) for e in extra for p in plain_train.x)
+    again = build_datasets("ecg", tiny, seq_len=500, augment=2)[0]
+    assert torch.equal(again.x, train.x)  # seeded by the data seed
+    other = build_datasets("ecg", tiny, seq_len=500, augment=2, seed=0, test_fraction=0.5)[0]
+    assert len(other) < len(train)
+    with pytest.raises(ValueError, match="augment"):
+        build_datasets("ecg", tiny, seq_len=500, augment=-1)
+
+
+def test_ecg_augment_needs_raw_records(tmp_path):
+    qtdb.save_npz(tmp_path / "e.npz", np.zeros((4, 10, 4), np.uint8), np.zeros((4, 10), np.int8))
+    with pytest.raises(ValueError, match="augment needs the raw QTDB records"):
+        build_datasets("ecg", npz=tmp_path / "e.npz", augment=1)
+
+
 def test_split_by_record(tiny):
     for seed in range(4):
         train, test, info = build_datasets("ecg", tiny, seed=seed, seq_len=500)

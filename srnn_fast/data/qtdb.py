@@ -40,6 +40,14 @@ loss and accuracy; zeros where the record starts later): sequences of C + ``seq_
 steps whose labelled steps are exactly those of the windows without context, so the
 network enters them running, as it would streaming over a whole record, instead of from rest.
 
+Augmentation (``augment`` = K > 0): each *training* record (never a validation or test
+record) is added K more times, each a random distortion of the normalised signal: every
+lead scaled by its own gain, log-uniform in [0.6, 1.6] (the same threshold then meets
+larger and smaller waves, as in another patient's record); the time axis stretched by a
+factor uniform in [0.9, 1.1], labels resampled with it (another heart rate); and Gaussian
+noise of standard deviation 0.03 added; then encoded and cut like the record itself. The
+copies are drawn from the data seed, so a run is reproducible.
+
 A preprocessed ``.npz`` (``x`` [N, T, 4], ``y`` [N, T] with -1 = unlabeled, optional
 ``record`` [N] naming each sequence's record for the split) can be written with
 ``save_npz`` and used instead of the raw records (``build_ecg(npz=...)``). The arrays made
@@ -163,28 +171,49 @@ def window_starts(labels: np.ndarray, seq_len: int, stride: int, min_labelled: f
     return [s for s in starts if (labels[s:s + seq_len] >= 0).mean() >= min_labelled]
 
 
+def distort(signal: np.ndarray, labels: np.ndarray, rng: np.random.Generator, gain=(0.6, 1.6),
+            stretch: float = 0.1, noise: float = 0.03):
+    """One random distortion of a normalised record (``augment`` in the module docstring):
+    (signal float64 [m, leads], labels int8 [m]), m = the stretched length."""
+    n, leads = signal.shape
+    signal = signal * np.exp(rng.uniform(np.log(gain[0]), np.log(gain[1]), size=leads))
+    factor = rng.uniform(1 - stretch, 1 + stretch)
+    source = np.minimum(np.arange(int(round(n * factor))) / factor, n - 1)  # where each new sample comes from
+    signal = np.stack([np.interp(source, np.arange(n), signal[:, c]) for c in range(leads)], axis=1)
+    labels = labels[np.round(source).astype(np.int64)]
+    return signal + noise * rng.standard_normal(signal.shape), labels
+
+
 def preprocess(qtdb_dir, seq_len: int = 1301, threshold: float = 0.3, stride: Optional[int] = None,
                min_labelled: float = 0.5, records: Optional[Sequence[str]] = None,
-               max_tp_s: float = 1.0, context: int = 0, filter: str = "none") -> dict:
+               max_tp_s: float = 1.0, context: int = 0, filter: str = "none", augment: int = 0,
+               seed: int = 0) -> dict:
     """Encode and cut the raw records: dict of x uint8 [N, C + T, 4], y int8 [N, C + T], record
-    str [N] (C = ``context``, see the module docstring)."""
+    str [N] (C = ``context``, see the module docstring). With ``augment`` = K > 0: only the
+    K distorted copies of each record (``distort``, drawn from ``seed``), not the records."""
     qtdb_dir = pathlib.Path(qtdb_dir)
     stride = seq_len if stride is None else stride
     names = record_names(qtdb_dir) if records is None else list(records)
     xs, ys, recs = [], [], []
     for name in names:
         signal, labels, _ = load_record(qtdb_dir, name, max_tp_s, filter)
-        starts = window_starts(labels, seq_len, stride, min_labelled)
-        if not starts:
-            continue
-        lo, hi = max(starts[0] - context, 0), starts[-1] + seq_len
-        spikes = level_crossing(signal[lo:hi], threshold).numpy().astype(np.uint8)
-        for s in starts:
-            pad = max(lo - (s - context), 0)  # context steps before the record's encoded span
-            x = spikes[s - context + pad - lo:s - lo + seq_len]
-            xs.append(np.concatenate([np.zeros((pad, x.shape[1]), np.uint8), x]))
-            ys.append(np.concatenate([np.full(context, -1, labels.dtype), labels[s:s + seq_len]]))
-            recs.append(name)
+        if augment:  # a generator per (seed, record): a record's copies do not depend on the others
+            rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")])
+            versions = [distort(signal, labels, rng) for _ in range(augment)]
+        else:
+            versions = [(signal, labels)]
+        for signal, labels in versions:
+            starts = window_starts(labels, seq_len, stride, min_labelled)
+            if not starts:
+                continue
+            lo, hi = max(starts[0] - context, 0), starts[-1] + seq_len
+            spikes = level_crossing(signal[lo:hi], threshold).numpy().astype(np.uint8)
+            for s in starts:
+                pad = max(lo - (s - context), 0)  # context steps before the record's encoded span
+                x = spikes[s - context + pad - lo:s - lo + seq_len]
+                xs.append(np.concatenate([np.zeros((pad, x.shape[1]), np.uint8), x]))
+                ys.append(np.concatenate([np.full(context, -1, labels.dtype), labels[s:s + seq_len]]))
+                recs.append(name)
     if not xs:
         raise DataError(f"no sequence of {seq_len} steps with >= {min_labelled:.0%} labelled steps in the "
                         f"QTDB records of {qtdb_dir}")
@@ -251,11 +280,27 @@ def _cache_key(qtdb_dir: pathlib.Path, names, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _cached_preprocess(qtdb_dir: pathlib.Path, names, settings: dict, cache_dir) -> dict:
+    """``preprocess(qtdb_dir, records=names, **settings)`` through the cache folder."""
+    cache = resolve_cache_dir(cache_dir) / f"qtdb-{_cache_key(qtdb_dir, names, settings)}.npz"
+    if cache.is_file():
+        try:
+            return load_npz(cache)
+        except DataError:  # a damaged cache file is rebuilt, never trusted
+            cache.unlink()
+    arrays = preprocess(qtdb_dir, records=names, **settings)
+    save_npz(cache, **arrays)
+    return arrays
+
+
 def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, threshold: float = 0.3,
               test_fraction: float = 0.2, npz=None, stride: Optional[int] = None, records=None,
               cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0,
-              filter: str = "none"):
+              filter: str = "none", augment: int = 0):
     """Train/test SequenceDatasets of (x float32 [T, 4], y int64 [T]) and an info dict.
+
+    ``augment`` = K > 0 adds K distorted copies of every training record to the training
+    set (module docstring); validation and test sets are never augmented.
 
     ``val_fraction`` > 0 holds out that fraction of the *training* records (by record, seed
     + 1) as a validation set, returned as ``info["val"]`` (a SequenceDataset; the record
@@ -264,14 +309,18 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     ``data_dir`` holds ``qtdb/`` (unused when ``npz`` is given). ``records`` restricts to
     the named records (e.g. a few for a smoke test). ``seq_len`` defaults to 1301; with
     ``npz`` it defaults to the file's T and must match it if given, while threshold,
-    stride, records, min_labelled, context and filter do not apply (the file is already encoded and cut).
+    stride, records, min_labelled, context, filter and augment do not apply (the file is already encoded and cut).
     """
     test_fraction, val_fraction = float(test_fraction), float(val_fraction)
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1); got {test_fraction}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
+    augment = check_int("augment", augment, 0)
     if npz is not None:
+        if augment:
+            raise ValueError("augment needs the raw QTDB records (it distorts the signal before encoding); "
+                             "it does not apply with npz")
         arrays = load_npz(npz)
         if arrays["record"] is None:  # no grouping given: every sequence is its own group
             arrays["record"] = np.arange(len(arrays["x"])).astype(str)
@@ -298,15 +347,7 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             settings["context"] = context
         if filter != "none":
             settings["filter"] = filter
-        cache = resolve_cache_dir(cache_dir) / f"qtdb-{_cache_key(qtdb_dir, names, settings)}.npz"
-        if cache.is_file():
-            try:
-                arrays = load_npz(cache)
-            except DataError:  # a damaged cache file is rebuilt, never trusted
-                cache.unlink()
-        if not cache.is_file():
-            arrays = preprocess(qtdb_dir, records=names, **settings)
-            save_npz(cache, **arrays)
+        arrays = _cached_preprocess(qtdb_dir, names, settings, cache_dir)
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     record = arrays["record"]
@@ -315,6 +356,14 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     if val_fraction > 0:
         val[~test] = split_by_record(record[~test], val_fraction, seed + 1)
     train = ~test & ~val
+    if augment:
+        names = sorted(set(record[train].tolist()))
+        extra = _cached_preprocess(qtdb_dir, names, dict(settings, augment=augment, seed=seed), cache_dir)
+        x = torch.cat([x, torch.from_numpy(extra["x"].astype(np.float32))])
+        y = torch.cat([y, torch.from_numpy(extra["y"].astype(np.int64))])
+        record = np.concatenate([record, extra["record"]])
+        train = np.concatenate([train, np.ones(len(extra["x"]), bool)])
+        test, val = (np.concatenate([m, np.zeros(len(extra["x"]), bool)]) for m in (test, val))
     info = {"task": "ecg", "input_size": x.shape[2], "num_classes": len(CLASSES), "seq_len": x.shape[1],
             "class_names": list(CLASSES),
             "train_records": sorted(set(record[train].tolist())),
