@@ -15,6 +15,8 @@ with two parameter groups (time constants tau_* at ``--lr-tau``, everything else
 The best epoch (best.pt, ``best_test_acc`` = its test accuracy) is chosen on a validation
 set when the task has one (ECG: ``--val-fraction``, records held out of the training
 records), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
+With ``--ema DECAY`` the evaluated and checkpointed weights are an exponential moving average
+of the trained ones (``WeightEMA``); best.pt and last.pt then hold both (``ema`` and ``model``).
 
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
