@@ -26,9 +26,9 @@ Inputs: per record, each lead is optionally filtered (``filter``: "none", the de
 and a zero-phase 4th-order Butterworth low-pass at 40 Hz removes mains and muscle noise;
 without it baseline wander inflates a record's standard deviation, so the same threshold
 means a different amplitude in each record, and noise fires spurious events), normalised
-to zero mean and unit standard deviation over the whole record, then level-crossing encoded (``encoders.level_crossing``, threshold 0.3
-by default) into up/down spikes: 4 channels (lead 0 up, lead 0 down, lead 1 up, lead 1
-down). The encoder runs continuously over the span covered by a record's windows.
+to zero mean and unit standard deviation over the whole record, then level-crossing
+encoded (``encoders.level_crossing``, threshold 0.3 by default) into up/down spikes: 4
+channels (lead 0 up, lead 0 down, lead 1 up, lead 1 down). The encoder runs continuously over the span covered by a record's windows.
 
 Sequences: windows of ``seq_len`` steps (default 1301 = 5.2 s at 250 Hz) from the first
 annotation on, every ``stride`` steps (default ``seq_len``: no overlap), plus one window
@@ -309,7 +309,8 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     ``data_dir`` holds ``qtdb/`` (unused when ``npz`` is given). ``records`` restricts to
     the named records (e.g. a few for a smoke test). ``seq_len`` defaults to 1301; with
     ``npz`` it defaults to the file's T and must match it if given, while threshold,
-    stride, records, min_labelled, context, filter and augment do not apply (the file is already encoded and cut).
+    stride, records, min_labelled, context, filter and augment do not apply (the file is
+    already encoded and cut).
     """
     test_fraction, val_fraction = float(test_fraction), float(val_fraction)
     if not 0 < test_fraction < 1:
