@@ -28,7 +28,8 @@ without it baseline wander inflates a record's standard deviation, so the same t
 means a different amplitude in each record, and noise fires spurious events), normalised
 to zero mean and unit standard deviation over the whole record, then level-crossing
 encoded (``encoders.level_crossing``, threshold 0.3 by default) into up/down spikes: 4
-channels (lead 0 up, lead 0 down, lead 1 up, lead 1 down). The encoder runs continuously over the span covered by a record's windows.
+channels (lead 0 up, lead 0 down, lead 1 up, lead 1 down). The encoder runs continuously
+over the span covered by a record's windows.
 
 Sequences: windows of ``seq_len`` steps (default 1301 = 5.2 s at 250 Hz) from the first
 annotation on, every ``stride`` steps (default ``seq_len``: no overlap), plus one window
