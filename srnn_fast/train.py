@@ -589,8 +589,16 @@ def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") ->
 
 
 def main(argv=None) -> int:
+    from .data import DataError
     parser = make_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(args, parser)
+    except DataError as e:  # missing, corrupt or unusable data: the message says which file and what to do
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+
+
+def _run(args, parser) -> int:
     if args.evaluate:
         if args.threads:
             torch.set_num_threads(args.threads)

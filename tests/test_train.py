@@ -254,3 +254,12 @@ def test_cli_errors(argv, message, capsys):
 def test_resume_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.pt"):
         T.main(["--resume", str(tmp_path)])
+
+
+def test_cli_data_error_is_one_line(tmp_path, capsys):
+    # a missing data folder ends the CLI with its message and exit code 1, not a traceback
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--task", "ecg", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: data folder" in err and "nowhere" in err and "Traceback" not in err
