@@ -79,7 +79,8 @@ DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction",
                 "shd": ("frame_ms", "limit")}
 ALL_DATA_OPTIONS = ("seq_len", "threshold", "test_fraction", "val_fraction", "context", "npz", "stride", "cache_dir", "encoding", "population", "window",
                     "limit", "frame_ms", "filter", "augment")
-METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr")
+METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr",
+                 "skipped_steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,6 +335,26 @@ def _save_csv(path: Path, epochs: list) -> None:
 # ---------------------------------------------------------------------------------------
 # Loss, accuracy, firing rate
 # ---------------------------------------------------------------------------------------
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None) -> bool:
+    """Clip the gradients to norm ``grad_clip`` (if given) and step; skip the step (False, no
+    update, gradients dropped) when the gradient norm is not finite. Why: BPTT over long
+    sequences can overflow float32 (|grad| ~ 1e44 measured for an adaptive ECG layer late in
+    training), and one NaN step would put NaN into every weight through Adam's moments.
+    With DDP the gradients are already averaged, so every rank takes the same decision."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return False
+    if grad_clip:
+        norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    return True
+
+
 def loss_terms(logits: torch.Tensor, y: torch.Tensor):
     """(summed cross entropy, number of counted targets, number correct); label -1 is ignored."""
     C = logits.shape[-1]
@@ -489,6 +510,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         local = [b[rank::world] for b in batches]
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=local)
         totals = torch.zeros(3, dtype=torch.float64)
+        steps = skipped = 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", disable=not show, leave=False)
         for x, y in bar:
             x, y = x.to(device, dtype), y.to(device)
@@ -499,15 +521,21 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             loss = loss_sum * (world / max(global_count, 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.get("grad_clip"):
-                nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            clamp_time_constants(model)
-            if ema is not None:
-                ema.update(model)
+            steps += 1
+            if optimizer_step(model, opt, cfg.get("grad_clip")):
+                clamp_time_constants(model)
+                if ema is not None:
+                    ema.update(model)
+            else:
+                skipped += 1
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_sum.item() / max(count.item(), 1):.4f}")
         totals = _all_sum(totals.to(device)).cpu()
+        if steps and skipped == steps:
+            raise FloatingPointError(
+                f"training diverged: every optimizer step of epoch {epoch} had a non-finite gradient "
+                f"(BPTT overflowing {cfg['dtype']}); try a smaller --lr, --dtype float64 or a shorter --seq-len; "
+                f"{out / 'last.pt'} holds the last good epoch")
         lr = opt.param_groups[0]["lr"]
         sched.step()
         evaluated = model if ema is None else ema.model
@@ -517,7 +545,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         n = max(totals[1].item(), 1.0)
         entry = {"epoch": epoch, "loss": totals[0].item() / n, "train_acc": totals[2].item() / n,
                  "test_acc": result["test_acc"], "test_loss": result["test_loss"], "fr": result["fr"],
-                 "fr_layers": result["fr_layers"], "time_s": elapsed, "lr": lr}
+                 "fr_layers": result["fr_layers"], "time_s": elapsed, "lr": lr, "skipped_steps": skipped}
         if val is not None:
             entry.update(val_acc=val["test_acc"], val_loss=val["test_loss"])
         metrics["epochs"].append(entry)
@@ -543,9 +571,10 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             _save_csv(out / "metrics.csv", metrics["epochs"])
             fr = "" if entry["fr"] is None else f" Fr {entry['fr']:.4f}"
             va = "" if val is None else f" val_acc {entry['val_acc']:.4f}"
+            skip = f" (skipped {skipped} of {steps} steps: non-finite gradients)" if skipped else ""
             print(f"epoch {epoch:4d} loss {entry['loss']:.4f} train_acc {entry['train_acc']:.4f}{va} "
                   f"test_loss {entry['test_loss']:.4f} test_acc {entry['test_acc']:.4f}{fr} "
-                  f"lr {lr:.3g} {elapsed:.1f}s", flush=True)
+                  f"lr {lr:.3g} {elapsed:.1f}s{skip}", flush=True)
         if time_budget is not None and metrics["wall_time_s"] >= time_budget:
             if rank == 0:
                 print(f"time budget of {time_budget:g} s reached after epoch {epoch}", flush=True)

@@ -7,6 +7,7 @@ import sys
 import pytest
 from conftest import HAVE_WFDB
 import torch
+from torch import nn
 
 from srnn_fast import train as T
 from srnn_fast.baselines import RNNBaseline
@@ -263,3 +264,44 @@ def test_cli_data_error_is_one_line(tmp_path, capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "error: data folder" in err and "nowhere" in err and "Traceback" not in err
+
+
+def test_optimizer_step_skips_non_finite_gradients():
+    # A non-finite gradient (float32 BPTT overflow) must not reach the weights or Adam's moments.
+    net = nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    for clip in (None, 1.0):
+        net.weight.grad = torch.full_like(net.weight, float("nan"))
+        net.bias.grad = torch.ones_like(net.bias)
+        assert T.optimizer_step(net, opt, clip) is False
+        assert all(torch.equal(a, p) for a, p in zip(before, net.parameters())) and not opt.state
+        net.weight.grad = torch.full_like(net.weight, 1e30)  # finite, but its norm overflows float32
+        assert T.optimizer_step(net, opt, clip) is False and not opt.state
+    net.weight.grad, net.bias.grad = torch.ones_like(net.weight), torch.ones_like(net.bias)
+    assert T.optimizer_step(net, opt, 1.0) is True
+    assert not torch.equal(before[0], net.weight) and torch.isfinite(net.weight).all()
+
+
+def test_training_survives_and_reports_non_finite_steps(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = T.loss_terms
+
+    def loss_terms(logits, y, poison=lambda n: n == 2):  # the second step's loss is inf
+        loss_sum, count, correct = real(logits, y)
+        calls["n"] += 1
+        return (loss_sum * float("inf") if poison(calls["n"]) else loss_sum), count, correct
+
+    monkeypatch.setattr(T, "loss_terms", loss_terms)
+    out = tmp_path / "run"
+    args = ["--task", "smnist", "--model", "lif", "--epochs", "1", "--batch-size", "16"] + TINY["smnist"]
+    assert run(args, data_dir, out) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"][0]["skipped_steps"] == 1
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert "skipped_steps" in (out / "metrics.csv").read_text().splitlines()[0]
+    # every step non-finite: a clear error, not NaN weights
+    monkeypatch.setattr(T, "loss_terms", lambda logits, y: loss_terms(logits, y, poison=lambda n: True))
+    with pytest.raises(FloatingPointError, match="every optimizer step of epoch 1 had a non-finite gradient"):
+        run(args, data_dir, tmp_path / "run2")
