@@ -17,6 +17,9 @@ set when the task has one (ECG: ``--val-fraction``, records held out of the trai
 records), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
 With ``--ema DECAY`` the evaluated and checkpointed weights are an exponential moving average
 of the trained ones (``WeightEMA``); best.pt and last.pt then hold both (``ema`` and ``model``).
+A step whose gradient norm is not finite (BPTT overflowing float32) is skipped and counted
+(``skipped_steps`` per epoch, also on the epoch's line); an epoch without one finite step
+stops the run with an error (``optimizer_step``).
 
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
