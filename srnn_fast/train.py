@@ -344,13 +344,9 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None)
     sequences can overflow float32 (|grad| ~ 1e44 measured for an adaptive ECG layer late in
     training), and one NaN step would put NaN into every weight through Adam's moments.
     With DDP the gradients are already averaged, so every rank takes the same decision."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return False
-    if grad_clip:
-        norm = nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    # max_norm inf: the total norm, the gradients unchanged (scaled by exactly 1)
+    norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                    grad_clip or float("inf"))
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return False
@@ -537,8 +533,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         if steps and skipped == steps:
             raise FloatingPointError(
                 f"training diverged: every optimizer step of epoch {epoch} had a non-finite gradient "
-                f"(BPTT overflowing {cfg['dtype']}); try a smaller --lr, --dtype float64 or a shorter --seq-len; "
-                f"{out / 'last.pt'} holds the last good epoch")
+                f"(BPTT overflowing {cfg['dtype']}); try a smaller --lr, --dtype float64 or a shorter --seq-len"
+                + (f"; {out / 'last.pt'} holds the last good epoch" if epoch > 1 else ""))
         lr = opt.param_groups[0]["lr"]
         sched.step()
         evaluated = model if ema is None else ema.model
