@@ -80,8 +80,7 @@ DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction",
                 "smnist": ("encoding", "population", "window", "limit"),
                 "psmnist": ("encoding", "population", "window", "limit"),
                 "shd": ("frame_ms", "limit")}
-ALL_DATA_OPTIONS = ("seq_len", "threshold", "test_fraction", "val_fraction", "context", "npz", "stride", "cache_dir", "encoding", "population", "window",
-                    "limit", "frame_ms", "filter", "augment")
+ALL_DATA_OPTIONS = tuple(dict.fromkeys(k for keys in DATA_OPTIONS.values() for k in keys))  # their union
 METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr",
                  "skipped_steps")
 
