@@ -508,7 +508,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         local = [b[rank::world] for b in batches]
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=local)
         totals = torch.zeros(3, dtype=torch.float64)
-        steps = skipped = 0
+        skipped = 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", disable=not show, leave=False)
         for x, y in bar:
             x, y = x.to(device, dtype), y.to(device)
@@ -519,7 +519,6 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             loss = loss_sum * (world / max(global_count, 1.0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            steps += 1
             if optimizer_step(model, opt, cfg.get("grad_clip")):
                 clamp_time_constants(model)
                 if ema is not None:
@@ -529,7 +528,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_sum.item() / max(count.item(), 1):.4f}")
         totals = _all_sum(totals.to(device)).cpu()
-        if steps and skipped == steps:
+        if local and skipped == len(local):
             raise FloatingPointError(
                 f"training diverged: every optimizer step of epoch {epoch} had a non-finite gradient "
                 f"(BPTT overflowing {cfg['dtype']}); try a smaller --lr, --dtype float64 or a shorter --seq-len"
@@ -569,7 +568,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             _save_csv(out / "metrics.csv", metrics["epochs"])
             fr = "" if entry["fr"] is None else f" Fr {entry['fr']:.4f}"
             va = "" if val is None else f" val_acc {entry['val_acc']:.4f}"
-            skip = f" (skipped {skipped} of {steps} steps: non-finite gradients)" if skipped else ""
+            skip = f" (skipped {skipped} of {len(local)} steps: non-finite gradients)" if skipped else ""
             print(f"epoch {epoch:4d} loss {entry['loss']:.4f} train_acc {entry['train_acc']:.4f}{va} "
                   f"test_loss {entry['test_loss']:.4f} test_acc {entry['test_acc']:.4f}{fr} "
                   f"lr {lr:.3g} {elapsed:.1f}s{skip}", flush=True)
