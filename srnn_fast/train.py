@@ -21,6 +21,11 @@ A step whose gradient norm is not finite (BPTT overflowing float32) is skipped a
 (``skipped_steps`` per epoch, also on the epoch's line); an epoch without one finite step
 stops the run with an error (``optimizer_step``).
 
+Per-step tasks (ECG) report ``test_acc`` over every labelled test step and also
+``test_acc_full`` over the test sequences labelled at every step after their context: the
+method's ECG test file holds only such sequences (a window crossing a gap in the annotations,
+where beats are unusual or skipped, is not in it).
+
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
 config.json. The firing rate Fr (spikes per neuron per step over the test set, per recurrent
@@ -81,8 +86,8 @@ DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction",
                 "psmnist": ("encoding", "population", "window", "limit"),
                 "shd": ("frame_ms", "limit")}
 ALL_DATA_OPTIONS = tuple(dict.fromkeys(k for keys in DATA_OPTIONS.values() for k in keys))  # their union
-METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "fr", "time_s", "lr",
-                 "skipped_steps")
+METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "test_acc_full", "fr",
+                 "time_s", "lr", "skipped_steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,8 +379,10 @@ def evaluate(model: nn.Module, dataset, cfg: dict, device, dtype, rank: int, wor
     model.eval()
     spiking = cfg["model"] in SPIKING
     L = len(cfg["hidden_sizes"])
-    # [loss_sum, count, correct, spikes per layer..., neuron-steps per layer...]
-    sums = torch.zeros(3 + 2 * L, dtype=torch.float64)
+    context = cfg["data"].get("context") or 0
+    # [loss_sum, count, correct, count and correct in fully labelled sequences,
+    #  spikes per layer..., neuron-steps per layer...]
+    sums = torch.zeros(5 + 2 * L, dtype=torch.float64)
     idx = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=cfg["batch_size"])
     with torch.no_grad():
@@ -384,16 +391,21 @@ def evaluate(model: nn.Module, dataset, cfg: dict, device, dtype, rank: int, wor
             logits, hidden = model(x, return_spikes=True)
             loss_sum, count, correct = loss_terms(logits, y)
             sums[:3] += torch.stack([loss_sum.double().cpu(), count.double().cpu(), correct.double().cpu()])
+            if y.dim() == 2:  # per-step labels: also score the sequences labelled at every step after the context
+                full = (y[:, context:] >= 0).all(1)
+                _, count, correct = loss_terms(logits[full], y[full])
+                sums[3:5] += torch.stack([count.double().cpu(), correct.double().cpu()])
             if spiking:
                 for i, s in enumerate(hidden):
-                    sums[3 + i] += s.double().sum().cpu()
-                    sums[3 + L + i] += s.numel()
+                    sums[5 + i] += s.double().sum().cpu()
+                    sums[5 + L + i] += s.numel()
     sums = _all_sum(sums.to(device)).cpu()
     count = max(sums[1].item(), 1.0)
-    out = {"test_loss": sums[0].item() / count, "test_acc": sums[2].item() / count, "fr": None, "fr_layers": None}
+    out = {"test_loss": sums[0].item() / count, "test_acc": sums[2].item() / count,
+           "test_acc_full": sums[4].item() / sums[3].item() if sums[3] > 0 else None, "fr": None, "fr_layers": None}
     if spiking:
-        out["fr_layers"] = (sums[3:3 + L] / sums[3 + L:]).tolist()
-        out["fr"] = (sums[3:3 + L].sum() / sums[3 + L:].sum()).item()
+        out["fr_layers"] = (sums[5:5 + L] / sums[5 + L:]).tolist()
+        out["fr"] = (sums[5:5 + L].sum() / sums[5 + L:].sum()).item()
     return out
 
 
@@ -541,7 +553,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         elapsed = time.perf_counter() - t0
         n = max(totals[1].item(), 1.0)
         entry = {"epoch": epoch, "loss": totals[0].item() / n, "train_acc": totals[2].item() / n,
-                 "test_acc": result["test_acc"], "test_loss": result["test_loss"], "fr": result["fr"],
+                 "test_acc": result["test_acc"], "test_loss": result["test_loss"],
+                 "test_acc_full": result["test_acc_full"], "fr": result["fr"],
                  "fr_layers": result["fr_layers"], "time_s": elapsed, "lr": lr, "skipped_steps": skipped}
         if val is not None:
             entry.update(val_acc=val["test_acc"], val_loss=val["test_loss"])

@@ -203,6 +203,40 @@ def test_loss_terms_ignore_unlabelled_steps():
     torch.testing.assert_close(loss_sum, expected)
 
 
+class _FixedLogits(nn.Module):
+    """Stands in for a network: returns the given per-step logits of each input row (x[:, 0, 0] = row)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x, return_spikes=False):
+        return self.logits[x[:, 0, 0].long()], []
+
+
+def test_evaluate_scores_fully_labelled_sequences_apart():
+    # 3 sequences of 2 context steps (-1) + 4 steps; predictions: class 0 everywhere.
+    y = torch.tensor([[-1, -1, 0, 0, 1, 1],     # fully labelled after the context: 2 of 4 right
+                      [-1, -1, 0, 0, 0, -1],    # a gap: 3 of 3 right, not in test_acc_full
+                      [-1, -1, 0, 1, 1, 1]])    # fully labelled: 1 of 4 right
+    logits = torch.zeros(3, 6, 2)
+    logits[..., 0] = 1.0
+    x = torch.zeros(3, 6, 4)
+    x[:, 0, 0] = torch.arange(3.0)
+    data = torch.utils.data.TensorDataset(x, y)
+    cfg = {"model": "lstm", "hidden_sizes": [1], "batch_size": 2, "data": {"context": 2}}
+    out = T.evaluate(_FixedLogits(logits), data, cfg, torch.device("cpu"), torch.float32, 0, 1)
+    assert out["test_acc"] == pytest.approx(6 / 11)
+    assert out["test_acc_full"] == pytest.approx(3 / 8)
+    # Without context the -1 steps at the start break every sequence: none is fully labelled.
+    cfg["data"] = {"context": 0}
+    assert T.evaluate(_FixedLogits(logits), data, cfg, torch.device("cpu"), torch.float32, 0, 1)["test_acc_full"] is None
+    # Per-sequence labels (MNIST, SHD): not applicable.
+    data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 0]))
+    out = T.evaluate(_FixedLogits(logits[:, -1]), data, cfg, torch.device("cpu"), torch.float32, 0, 1)
+    assert out["test_acc"] == pytest.approx(2 / 3) and out["test_acc_full"] is None
+
+
 def test_global_batches_split_and_drop():
     g = torch.Generator().manual_seed(0)
     batches = T.global_batches(10, 4, 3, g)
