@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from srnn_fast import AdaptiveSRNN
+from srnn_fast import AdaptiveSRNN, srnn_scan
 from srnn_fast.energy import (EnergyCosts, OpCounts, SpikeCounter, compare_table, estimate_energy, estimate_ops,
                               firing_rates, layer_energy, layer_ops, measure_ops, network_layers)
 
@@ -142,8 +142,9 @@ def brute_force(layers, readout, x):
 
 
 @pytest.mark.parametrize("neuron,readout,analog", [("adaptive", "integrator", False), ("lif", "integrator", True),
-                                                   ("adaptive", "spiking", True), ("relu", "integrator", True)],
-                         ids=["adaptive-spikes", "lif-analog", "adaptive-spiking-readout", "relu"])
+                                                   ("adaptive", "spiking", True), ("lif", "membrane", False),
+                                                   ("relu", "integrator", True)],
+                         ids=["adaptive-spikes", "lif-analog", "adaptive-spiking-readout", "lif-membrane-readout", "relu"])
 def test_measured_counts_match_brute_force(neuron, readout, analog):
     torch.manual_seed(0)
     T, B, I = 9, 3, 5
@@ -160,13 +161,20 @@ def test_measured_counts_match_brute_force(neuron, readout, analog):
     counts = measure_ops(net, [(x[:2], None), (x[2:], None)])  # two batches are summed
     net.eval()
     layers = [(neuron, i == 0, l) for i, l in enumerate(net.layers)]
-    if readout == "spiking":
+    if readout != "integrator":  # a feed-forward adaptive spiking layer
         layers.append(("adaptive", False, net.output))
     expected = brute_force(layers, net.output if readout == "integrator" else None, x.transpose(0, 1))
     assert [c.name for c in counts] == ["layer0", "layer1", "readout"]
     assert [(c.ops.mac, c.ops.ac) for c in counts] == expected
     assert all(c.steps == T * B for c in counts)
     assert sum(c.out_events for c in counts[:2]) > 0  # the comparison is not between empty counts
+    if readout == "membrane":  # the counted output spikes are those of the scan inside forward
+        h = x.transpose(0, 1)
+        for layer in net.layers:
+            h, _ = layer(h)
+        out = net.output
+        s, _ = srnn_scan(out.input(h), out.w_rec, out.tau_m, out.tau_adp, out.initial_state(B), **out.scan_options())
+        assert counts[-1].out_events == s.count_nonzero().item() > 0
 
 
 def test_compare_table_rows():
