@@ -349,8 +349,9 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", "",
-          f"{len(runs)} run folder(s). Accuracy: best test accuracy over the epochs (for ECG: per labelled "
-          "time step); Fr: spikes per neuron per time step over all recurrent layers on the test set, at the best "
+          f"{len(runs)} run folder(s). Accuracy: the test accuracy of the best epoch, chosen on the "
+          "validation records where a run has them (metrics.json `selected_on`), else the highest over the epochs "
+          "(for ECG: per labelled time step); Fr: spikes per neuron per time step over all recurrent layers on the test set, at the best "
           "epoch. Parameters: trainable parameters, including time constants.", "",
           *([f"Generated with `{command}`.", ""] if command else []),
           "## Results", "", results_table(runs), ""]
