@@ -11,6 +11,7 @@ from conftest import HAVE_WFDB
 import torch
 
 from srnn_fast.data import DataError, build_datasets, download, mnist, qtdb, resolve_data_dir, shd, synthetic
+from srnn_fast.data.common import split_by_group
 from srnn_fast.data.encoders import bin_spikes, level_crossing
 
 P, PQ, QR, RS, ST, TP = range(6)
@@ -221,7 +222,7 @@ def test_split_by_record(tiny):
         assert len(train) + len(test) == len(qtdb.preprocess(tiny / "qtdb", 500)["x"])
     again = build_datasets("ecg", tiny, seed=3, seq_len=500)[2]
     assert again["test_records"] == info["test_records"]
-    mask = qtdb.split_by_record(np.array(["a", "a", "b", "c", "c", "c"]), 0.5, seed=0)
+    mask = split_by_group(np.array(["a", "a", "b", "c", "c", "c"]), 0.5, seed=0)
     for group in "abc":  # all of a record's sequences on one side
         assert len(set(mask[np.array(list("aabccc")) == group])) == 1
 
@@ -325,6 +326,46 @@ def test_psmnist_permutation_fixed(tiny):
     other = build_datasets("psmnist", tiny, encoding="analog", permutation_seed=1)[0]
     assert not torch.equal(other[3][0], p_train[3][0])
     assert len(build_datasets("psmnist", tiny, limit=10)[0]) == 10
+
+
+@pytest.mark.parametrize("task", ["smnist", "psmnist"])
+def test_mnist_validation_split_by_image(tiny, task):
+    """val_fraction holds out a seeded quarter of the training images: disjoint from the rest,
+    together all of them, the test images untouched; the same data seed gives the same split."""
+    full, test_full, _ = build_datasets(task, tiny, encoding="analog")
+    train, test, info = build_datasets(task, tiny, encoding="analog", val_fraction=0.25)
+    val = info["val"]
+    assert (len(train), len(val), len(test)) == (48, 16, 32)
+    assert torch.equal(test.images, test_full.images)
+    rows = {bytes(r.numpy()): int(y) for r, y in zip(full.images, full.labels)}
+    held = [bytes(r.numpy()) for r in val.images]
+    kept = [bytes(r.numpy()) for r in train.images]
+    assert len(rows) == 64 and sorted(held + kept) == sorted(rows)  # a partition of the 64 images
+    assert all(rows[bytes(r.numpy())] == int(y) for r, y in zip(val.images, val.labels))  # labels travel along
+    assert torch.equal(val[3][0], full[[bytes(r.numpy()) for r in full.images].index(held[3])][0])  # same encoding
+    again = build_datasets(task, tiny, encoding="analog", val_fraction=0.25)[2]["val"]
+    other = build_datasets(task, tiny, encoding="analog", val_fraction=0.25, seed=1)[2]["val"]
+    assert torch.equal(again.images, val.images) and not torch.equal(other.images, val.images)
+    assert "val" not in build_datasets(task, tiny, encoding="analog")[2]
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="val_fraction must be in"):
+            build_datasets(task, tiny, val_fraction=bad)
+
+
+def test_mnist_gain_and_the_methods_rbf_densities(tiny):
+    plain = build_datasets("smnist", tiny)[0]
+    train = build_datasets("smnist", tiny, gain=mnist.rbf_density_gain(80))[0]
+    x, pixels = train[7][0], plain.images[7].double() / 255.0
+    # the method's input: Gaussian densities N(p; c_j, sigma), sigma = centre spacing 1/79
+    centres = torch.linspace(0, 1, 80, dtype=torch.float64)
+    density = torch.distributions.Normal(centres, 1 / 79).log_prob(pixels[:, None]).exp()
+    torch.testing.assert_close(x.double(), density, rtol=1e-5, atol=1e-5)
+    assert 31 < x.max() < 32
+    torch.testing.assert_close(build_datasets("smnist", tiny, encoding="analog", gain=2.0)[0][7][0],
+                               2 * build_datasets("smnist", tiny, encoding="analog")[0][7][0])
+    for bad in (0.0, float("nan"), True):
+        with pytest.raises(ValueError, match="gain must be a finite positive number"):
+            build_datasets("smnist", tiny, gain=bad)
 
 
 def test_mnist_raw_and_file_errors(tiny, tmp_path):

@@ -20,8 +20,9 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 OPTIONS = {
     "ecg": dict(seq_len=1301, threshold=0.3, test_fraction=0.2, val_fraction=0.0, context=0, npz=None, stride=None, records=None,
                 cache_dir=None, min_labelled=0.5, filter="none", augment=0),
-    "smnist": dict(encoding="rbf", population=80, window=None, limit=None),
-    "psmnist": dict(encoding="rbf", population=80, window=None, limit=None, permutation_seed=0),
+    "smnist": dict(encoding="rbf", population=80, window=None, limit=None, val_fraction=0.0, gain=1.0),
+    "psmnist": dict(encoding="rbf", population=80, window=None, limit=None, permutation_seed=0, val_fraction=0.0,
+                    gain=1.0),
     "shd": dict(frame_ms=4, limit=None),
 }
 

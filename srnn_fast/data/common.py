@@ -65,6 +65,17 @@ def atomic_save_npz(path, **arrays) -> None:
         raise
 
 
+def split_by_group(group: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean hold-out mask over samples: a seeded random ``fraction`` of the groups (at
+    least one, at most all but one) is held out, with all of its samples. ECG groups by
+    record (a record's windows never straddle the split); MNIST by image (every image its
+    own group)."""
+    groups = np.unique(group)
+    if len(groups) < 2:
+        raise DataError(f"need at least 2 groups (records, images) to split; got {len(groups)}")
+    n_held = min(max(1, round(fraction * len(groups))), len(groups) - 1)
+    held = np.random.default_rng(seed).permutation(groups)[:n_held]
+    return np.isin(group, held)
 
 
 def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> Optional[int]:

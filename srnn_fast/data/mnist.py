@@ -7,15 +7,25 @@ run with the same ``permutation_seed``). Encodings of the pixel sequence:
     "analog"   x[t] = [p_t]                                   T = 784, F = 1
     "rbf"      x[t] = rbf_population(p_t, population)         T = 784, F = population (80)
     "poisson"  x[t] = Bernoulli(rbf_population(p_t, population)), drawn from a numpy
-               generator seeded by SeedSequence([seed, split (0 train, 1 test), index]):
+               generator seeded by SeedSequence([seed, split (0 train, 1 test, 2 val), index]):
                the same spikes for a sample every epoch and run   T = 784, F = population
     "window"   x[s] = [p_{sk}, ..., p_{sk+k-1}] (zero-padded) T = ceil(784 / k), F = k
 
+``gain`` multiplies every encoding (default 1). The method's S-MNIST code feeds its RBF
+population as Gaussian *densities*, 1 / (sqrt(2 pi) sigma) ~ 31 times the peak-1 fields
+here (``rbf_density_gain``); its presets set that gain (srnn_fast.train).
+
 Items are encoded on access (the encoded train set would not fit in memory).
+
+Validation (``val_fraction`` > 0, the method's protocol): a seeded random ``val_fraction`` of
+the training images (by image, data seed + 1, as ECG holds out records) is held out of
+training as ``info["val"]``; it chooses the epoch, so the test images are scored but never
+used to choose anything. Without it there is no validation set.
 """
 from __future__ import annotations
 
 import gzip
+import math
 import pathlib
 import zlib
 from typing import Optional
@@ -23,8 +33,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .common import DataError, check_choice, check_int
+from .common import DataError, check_choice, check_int, split_by_group
 from .encoders import bernoulli, pixel_windows, rbf_population
+
+
+def rbf_density_gain(population: int) -> float:
+    """The gain that turns ``rbf_population(x, population)`` (peak 1, sigma = 1 / (population - 1))
+    into Gaussian densities N(x; c_j, sigma), the method's RBF input: 1 / (sqrt(2 pi) sigma)."""
+    return (population - 1) / math.sqrt(2 * math.pi)
+
 
 ENCODINGS = ("rbf", "analog", "poisson", "window")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -101,8 +118,11 @@ class MNISTDataset(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, encoding: str = "rbf", population: int = 80,
                  window: Optional[int] = None, order: Optional[torch.Tensor] = None, seed: int = 0,
-                 split_id: int = 0):
+                 split_id: int = 0, gain: float = 1.0):
         self.images, self.labels = images, labels
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not (math.isfinite(gain) and gain > 0):
+            raise ValueError(f"gain must be a finite positive number; got {gain!r}")
+        self.gain = float(gain)
         self.encoding = check_choice("encoding", encoding, ENCODINGS)
         self.population = check_int("population", population, 2)
         if encoding == "window" and window is None:
@@ -140,24 +160,38 @@ class MNISTDataset(torch.utils.data.Dataset):
         else:
             # The same draw as encoders.poisson_population(pixels, population, rng).
             x = bernoulli(self.table[raw], np.random.SeedSequence([self.seed, self.split_id, i]))
-        return x, self.labels[i]
+        return (x if self.gain == 1 else x * self.gain), self.labels[i]
 
 
 def build_mnist(data_dir, *, permuted: bool, seed: int = 0, encoding: str = "rbf", population: int = 80,
-                window: Optional[int] = None, limit: Optional[int] = None, permutation_seed: int = 0):
-    """Train/test MNISTDatasets for S-MNIST (``permuted=False``) or PS-MNIST, and an info dict."""
+                window: Optional[int] = None, limit: Optional[int] = None, permutation_seed: int = 0,
+                val_fraction: float = 0.0, gain: float = 1.0):
+    """Train/test MNISTDatasets for S-MNIST (``permuted=False``) or PS-MNIST, and an info dict;
+    with ``val_fraction`` > 0 the held-out training images are ``info["val"]`` (module docstring)."""
     limit = check_int("limit", limit, 1, optional=True)
+    val_fraction = float(val_fraction)
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     mnist_dir = pathlib.Path(data_dir) / "mnist"
     if not mnist_dir.is_dir():
         raise DataError(f"MNIST folder {mnist_dir} does not exist: place the four MNIST idx files there "
                         f"({_FETCH_HINT})")
     order = permutation(permutation_seed) if permuted else None
-    datasets = [MNISTDataset(*load_split(mnist_dir, split, limit), encoding=encoding, population=population,
-                             window=window, order=order, seed=seed, split_id=k)
-                for k, split in enumerate(("train", "test"))]
-    info = {"task": "psmnist" if permuted else "smnist", "input_size": datasets[0].input_size,
-            "num_classes": 10, "seq_len": datasets[0].seq_len, "class_names": [str(d) for d in range(10)],
+    splits = {name: load_split(mnist_dir, name, limit) for name in ("train", "test")}
+    if val_fraction > 0:
+        images, labels = splits.pop("train")
+        held = torch.from_numpy(split_by_group(np.arange(len(images)), val_fraction, seed + 1))
+        splits = {"train": (images[~held], labels[~held]), "test": splits["test"], "val": (images[held], labels[held])}
+    # split_id keys the Poisson draws: 0 train, 1 test, 2 validation
+    datasets = {name: MNISTDataset(*splits[name], encoding=encoding, population=population, window=window,
+                                   order=order, seed=seed, split_id=k, gain=gain)
+                for k, name in enumerate(("train", "test", "val")) if name in splits}
+    train = datasets["train"]
+    info = {"task": "psmnist" if permuted else "smnist", "input_size": train.input_size,
+            "num_classes": 10, "seq_len": train.seq_len, "class_names": [str(d) for d in range(10)],
             "encoding": encoding}
     if permuted:
         info["permutation_seed"] = permutation_seed
-    return datasets[0], datasets[1], info
+    if "val" in datasets:
+        info["val"] = datasets["val"]
+    return train, datasets["test"], info

@@ -65,7 +65,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .common import (DataError, SequenceDataset, atomic_save_npz, check_int, resolve_cache_dir)
+from .common import DataError, SequenceDataset, atomic_save_npz, check_int, resolve_cache_dir, split_by_group
 from .encoders import level_crossing
 
 CLASSES = ("P", "PQ", "QR", "RS", "ST", "TP")
@@ -259,17 +259,6 @@ def load_npz(path) -> dict:
     return {"x": x, "y": y, "record": record}
 
 
-def split_by_record(record: np.ndarray, test_fraction: float, seed: int):
-    """Boolean test mask over sequences: a seeded random ``test_fraction`` of the records
-    (at least one, at most all but one) goes to test, with all of its sequences."""
-    groups = np.unique(record)
-    if len(groups) < 2:
-        raise DataError(f"need at least 2 records to split by record; got {len(groups)}")
-    n_test = min(max(1, round(test_fraction * len(groups))), len(groups) - 1)
-    test_groups = np.random.default_rng(seed).permutation(groups)[:n_test]
-    return np.isin(record, test_groups)
-
-
 def _cache_key(qtdb_dir: pathlib.Path, names, settings: dict) -> str:
     files = []
     for name in names:
@@ -353,10 +342,10 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     record = arrays["record"]
-    test = split_by_record(record, test_fraction, seed)
+    test = split_by_group(record, test_fraction, seed)
     val = np.zeros_like(test)
     if val_fraction > 0:
-        val[~test] = split_by_record(record[~test], val_fraction, seed + 1)
+        val[~test] = split_by_group(record[~test], val_fraction, seed + 1)
     train = ~test & ~val
     if augment:
         names = sorted(set(record[train].tolist()))
