@@ -4,17 +4,19 @@
     torchrun --nproc_per_node 2 -m srnn_fast.train --task ecg ...      (DDP: gloo on CPU, nccl on GPUs)
     python -m srnn_fast.train --resume runs/ecg_adaptive --epochs 200    (continue, bit-exact)
 
-Presets (``PRESETS``) give the networks of the method: ECG 4 -> 36 -> 6 with a per-step
-integrator readout; S-MNIST / PS-MNIST 80 (RBF population) -> 120 -> 100 -> 10 with a spiking
-readout and spike-count decoding; SHD 700 -> 128 -> 128 -> 20 with the mean of the readout
-integrator. Every value can be overridden by a flag (e.g. ``--readout membrane``: the
-method's ECG readout, an adaptive spiking output layer whose membrane is the logit). Adam
-with two parameter groups (time constants tau_* at ``--lr-tau``, everything else at
-``--lr``; after each step every tau is projected to >= dt), StepLR decay per epoch.
+Presets (``PRESETS``, ``--preset``; by default the task's own) give the networks of the
+method: ECG 4 -> 36 -> 6 with a per-step integrator readout; S-MNIST / PS-MNIST 80 (RBF
+population) -> 120 -> 100 -> 10 with a spiking readout and spike-count decoding, and
+``--preset mnist_256_128``: 40 -> 256 -> 128 -> 10; SHD 700 -> 128 -> 128 -> 20 with the mean
+of the readout integrator. Every value can be overridden by a flag (e.g. ``--readout
+membrane``: the method's ECG readout, an adaptive spiking output layer whose membrane is the
+logit). Adam with two parameter groups (time constants tau_* at ``--lr-tau``, everything else
+at ``--lr``; after each step every tau is projected to >= dt), a per-epoch decay (StepLR, or
+MultiStepLR with ``--lr-milestones``).
 
 The best epoch (best.pt, ``best_test_acc`` = its test accuracy) is chosen on a validation
-set when the task has one (ECG: ``--val-fraction``, records held out of the training
-records), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
+set when the run has one (``--val-fraction``: ECG records, or MNIST images, held out of the
+training set), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
 With ``--ema DECAY`` the evaluated and checkpointed weights are an exponential moving average
 of the trained ones (``WeightEMA``); best.pt and last.pt then hold both (``ema`` and ``model``).
 A step whose gradient norm is not finite (BPTT overflowing float32) is skipped and counted
@@ -28,7 +30,8 @@ where beats are unusual or skipped, is not in it).
 
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
-config.json. The firing rate Fr (spikes per neuron per step over the test set, per recurrent
+config.json. Each epoch records its wall time (``time_s``, training + evaluation) and the
+process's CPU time (``cpu_time_s``; on a shared machine the steadier figure). The firing rate Fr (spikes per neuron per step over the test set, per recurrent
 layer and overall) is reported for spiking hidden layers (adaptive, lif); it is null for the
 non-spiking relu SRNN and the baselines.
 
@@ -58,36 +61,52 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .data.mnist import rbf_density_gain
+
 SPIKING = ("adaptive", "lif")
 SRNN_MODELS = ("adaptive", "lif", "relu")
 BASELINES = ("lstm", "gru", "rnn", "bilstm")
 TASKS = ("ecg", "smnist", "psmnist", "shd")
 
-_MNIST = dict(hidden_sizes=[120, 100], readout="spiking", decode="count", batch_size=256, epochs=150,
-              lr=1e-2, lr_tau=2e-2, lr_step=25, lr_gamma=0.75, tau_m_init=[20.0, 5.0],
-              tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], data={"encoding": "rbf", "population": 80})
+# S-MNIST / PS-MNIST follow the method's S-MNIST script: RBF population input as Gaussian
+# densities (gain ~31 for 80 fields), b0 0.1, adaptation time constants N(700, 25), an adaptive
+# spiking readout whose spike counts are the logits, Adam lr 1e-2 (time constants at 2x), batch
+# 200, MultiStepLR halving at epochs 25, 50, 100, 150, 200 epochs. Added here: the gradient
+# clipped to norm 1 (layer 1's BPTT gradient can burst by 1e3-1e5 and overflow float32 over 784
+# steps; results/TASKS.md). The method's second network: 40 fields -> 256 -> 128.
+_MNIST = dict(tasks=("smnist", "psmnist"), hidden_sizes=[120, 100], readout="spiking", decode="count",
+              batch_size=200, epochs=200, lr=1e-2, lr_tau=2e-2, lr_step=25, lr_milestones=[25, 50, 100, 150],
+              lr_gamma=0.5, tau_m_init=[20.0, 5.0], tau_adp_init=[700.0, 25.0], tau_out_init=[20.0, 5.0], b0=0.1,
+              grad_clip=1.0, data={"encoding": "rbf", "population": 80, "gain": rbf_density_gain(80)})
 # ECG follows the method's own training script (Adam lr 1e-2, time constants at 3x, StepLR
-# halving every 100 epochs, 400 epochs, batch 64); S-MNIST / SHD use lr 1e-2 with time
-# constants at 2x and the published-style step decays.
+# halving every 100 epochs, 400 epochs, batch 64); SHD uses lr 1e-2 with time constants at 2x
+# and a published-style step decay.
 PRESETS = {
-    "ecg": dict(hidden_sizes=[36], readout="integrator", decode="per_step", batch_size=64, epochs=400,
-                lr=1e-2, lr_tau=3e-2, lr_step=100, lr_gamma=0.5, tau_m_init=[20.0, 5.0],
-                tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], data={}),
+    "ecg": dict(tasks=("ecg",), hidden_sizes=[36], readout="integrator", decode="per_step", batch_size=64,
+                epochs=400, lr=1e-2, lr_tau=3e-2, lr_step=100, lr_milestones=None, lr_gamma=0.5,
+                tau_m_init=[20.0, 5.0], tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], b0=0.01,
+                grad_clip=None, data={}),
     "smnist": _MNIST,
     "psmnist": _MNIST,
-    "shd": dict(hidden_sizes=[128, 128], readout="integrator", decode="mean", batch_size=64, epochs=150,
-                lr=1e-2, lr_tau=2e-2, lr_step=20, lr_gamma=0.5, tau_m_init=[20.0, 5.0],
-                tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], data={"frame_ms": 10}),
+    "shd": dict(tasks=("shd",), hidden_sizes=[128, 128], readout="integrator", decode="mean", batch_size=64,
+                epochs=150, lr=1e-2, lr_tau=2e-2, lr_step=20, lr_milestones=None, lr_gamma=0.5,
+                tau_m_init=[20.0, 5.0], tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], b0=0.01,
+                grad_clip=None, data={"frame_ms": 10}),
+    "mnist_256_128": dict(_MNIST, hidden_sizes=[256, 128],
+                          data={"encoding": "rbf", "population": 40, "gain": rbf_density_gain(40)}),
 }
+# What a preset sets (each also a CLI flag that overrides it); "data" holds its data options.
+PRESET_KEYS = ("hidden_sizes", "readout", "decode", "batch_size", "epochs", "lr", "lr_tau", "lr_step", "lr_milestones",
+               "lr_gamma", "tau_m_init", "tau_adp_init", "tau_out_init", "b0", "grad_clip")
 # Data options a task accepts (passed to srnn_fast.data.build_datasets), with their CLI flags.
 DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction", "npz", "stride", "cache_dir",
                         "context", "filter", "augment"),
-                "smnist": ("encoding", "population", "window", "limit"),
-                "psmnist": ("encoding", "population", "window", "limit"),
+                "smnist": ("encoding", "population", "window", "limit", "val_fraction", "gain"),
+                "psmnist": ("encoding", "population", "window", "limit", "val_fraction", "gain"),
                 "shd": ("frame_ms", "limit")}
 ALL_DATA_OPTIONS = tuple(dict.fromkeys(k for keys in DATA_OPTIONS.values() for k in keys))  # their union
 METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "test_acc_full", "fr",
-                 "time_s", "lr", "skipped_steps")
+                 "time_s", "cpu_time_s", "lr", "skipped_steps")
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +147,14 @@ def clamp_time_constants(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if _is_time_constant(name):
             p.clamp_(min=floor)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: dict):
+    """The per-epoch learning-rate decay: MultiStepLR at ``lr_milestones`` when a run has them
+    (the method's S-MNIST schedule), else StepLR every ``lr_step`` epochs; both by ``lr_gamma``."""
+    if cfg.get("lr_milestones"):
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg["lr_milestones"], gamma=cfg["lr_gamma"])
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["lr_step"], gamma=cfg["lr_gamma"])
 
 
 def param_groups(model: nn.Module, lr: float, lr_tau: float) -> list:
@@ -174,6 +201,16 @@ def _sizes(text: str) -> list:
     return sizes
 
 
+def _milestones(text: str) -> list:
+    try:
+        epochs = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs (e.g. 25,50,100); got {text!r}") from None
+    if min(epochs) < 1 or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise argparse.ArgumentTypeError(f"expected increasing positive epochs (e.g. 25,50,100); got {text!r}")
+    return epochs
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -203,15 +240,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int), help="global batch (split across DDP ranks)")
     p.add_argument("--lr", type=_positive(float), help="Adam learning rate of weights and biases")
     p.add_argument("--lr-tau", type=_positive(float), help="Adam learning rate of the time constants")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="the network and training settings to start from (default: the task's own)")
     p.add_argument("--lr-step", type=_positive(int), help="StepLR: decay every this many epochs")
-    p.add_argument("--lr-gamma", type=_positive(float), help="StepLR: decay factor")
+    p.add_argument("--lr-milestones", type=_milestones,
+                   help="MultiStepLR instead of StepLR: decay at these epochs, e.g. 25,50,100,150")
+    p.add_argument("--lr-gamma", type=_positive(float), help="decay factor of StepLR / MultiStepLR")
     p.add_argument("--hidden-sizes", type=_sizes, help="recurrent layer widths, e.g. 120,100")
     p.add_argument("--readout", choices=("integrator", "spiking", "membrane"))
     p.add_argument("--decode", choices=("count", "last", "max", "mean", "per_step"))
     p.add_argument("--tau-m-init", type=_pair, help="MEAN,STD of the membrane time constants")
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
-    p.add_argument("--b0", type=_positive(float), default=0.01, help="baseline threshold")
+    p.add_argument("--b0", type=_positive(float), help="baseline threshold (presets: 0.01)")
     p.add_argument("--ema", type=_fraction, metavar="DECAY",
                    help="evaluate and checkpoint an exponential moving average of the weights, updated after "
                         "every step with this decay in (0, 1) (e.g. 0.99); training itself is unchanged")
@@ -233,9 +274,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=_positive(int), help="ecg: steps per sequence")
     g.add_argument("--threshold", type=_positive(float), help="ecg: level-crossing threshold")
     g.add_argument("--test-fraction", type=_positive(float), help="ecg: fraction of records held out")
-    g.add_argument("--val-fraction", type=_positive(float),
-                   help="ecg: fraction of the training records held out for validation; the best "
-                        "epoch is then chosen on it, not on the test set")
+    g.add_argument("--val-fraction", type=_fraction,
+                   help="ecg: fraction of the training records, smnist/psmnist: of the training images, held "
+                        "out for validation; the best epoch is then chosen on it, not on the test set")
     g.add_argument("--npz", help="ecg: preprocessed .npz instead of the wfdb records")
     g.add_argument("--context", type=int, help="ecg: steps of the record's preceding signal (unlabelled) "
                    "before each window, so the network enters it running (default 0)")
@@ -248,6 +289,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoding", choices=("rbf", "analog", "poisson", "window"), help="smnist/psmnist")
     g.add_argument("--population", type=_positive(int), help="smnist/psmnist: RBF/Poisson population size")
     g.add_argument("--window", type=_positive(int), help="smnist/psmnist: pixels per step")
+    g.add_argument("--gain", type=_positive(float), help="smnist/psmnist: factor on the encoded input (the method's "
+                   "RBF densities: srnn_fast.data.mnist.rbf_density_gain(population), ~31 for 80)")
     g.add_argument("--limit", type=_positive(int), help="smnist/psmnist/shd: first N samples of each split")
     g.add_argument("--frame-ms", type=int, choices=(4, 10), help="shd: frame length")
     return p
@@ -256,12 +299,18 @@ def make_parser() -> argparse.ArgumentParser:
 def config_from_args(args, parser) -> dict:
     if args.task is None:
         parser.error("--task is required (or --resume a run)")
-    preset = PRESETS[args.task]
-    cfg = {"task": args.task, "model": args.model}
-    for key in ("hidden_sizes", "readout", "decode", "batch_size", "epochs", "lr", "lr_tau", "lr_step",
-                "lr_gamma", "tau_m_init", "tau_adp_init", "tau_out_init"):
+    name = args.preset or args.task
+    preset = PRESETS[name]
+    if args.task not in preset["tasks"]:
+        parser.error(f"--preset {name} is for --task {' / '.join(preset['tasks'])}, not {args.task}")
+    if args.lr_step is not None and args.lr_milestones is not None:
+        parser.error("--lr-step and --lr-milestones are two schedules: give one")
+    cfg = {"task": args.task, "model": args.model, "preset": name}
+    for key in PRESET_KEYS:
         value = getattr(args, key)
         cfg[key] = preset[key] if value is None else value
+    if args.lr_step is not None:  # a StepLR asked for replaces the preset's milestones
+        cfg["lr_milestones"] = None
     if args.model in BASELINES:
         cfg["readout"] = "linear"
         if cfg["decode"] != "per_step":
@@ -276,7 +325,7 @@ def config_from_args(args, parser) -> dict:
                          f"(its data options: {', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS[args.task])})")
         data[key] = value
     cfg.update(data=data, neuron=args.model if args.model in SRNN_MODELS else None,
-               b0=args.b0, grad_clip=args.grad_clip, ema=args.ema, surrogate=args.surrogate, init_state=args.init_state,
+               ema=args.ema, surrogate=args.surrogate, init_state=args.init_state,
                backend=args.backend,
                device=args.device, dtype=args.dtype, seed=args.seed, data_seed=args.data_seed,
                data_dir=args.data_dir, threads=args.threads)
@@ -485,7 +534,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     # Different random initial membranes per rank; the model itself is identical on every rank.
     torch.manual_seed(cfg["seed"] + rank)
     opt = torch.optim.Adam(param_groups(model, cfg["lr"], cfg["lr_tau"]))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["lr_step"], gamma=cfg["lr_gamma"])
+    sched = make_scheduler(opt, cfg)
     loader_gen = torch.Generator().manual_seed(cfg["seed"])
     ema = WeightEMA(model, cfg["ema"]) if cfg.get("ema") else None
     metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"],
@@ -514,7 +563,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
 
     show = not quiet and rank == 0 and sys.stderr.isatty()
     for epoch in range(start_epoch, cfg["epochs"] + 1):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         model.train()
         batches = global_batches(len(train_ds), cfg["batch_size"], world, loader_gen)
         local = [b[rank::world] for b in batches]
@@ -550,16 +599,18 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         evaluated = model if ema is None else ema.model
         result = evaluate(evaluated, test_ds, cfg, device, dtype, rank, world)
         val = evaluate(evaluated, val_ds, cfg, device, dtype, rank, world) if val_ds is not None else None
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         n = max(totals[1].item(), 1.0)
         entry = {"epoch": epoch, "loss": totals[0].item() / n, "train_acc": totals[2].item() / n,
                  "test_acc": result["test_acc"], "test_loss": result["test_loss"],
                  "test_acc_full": result["test_acc_full"], "fr": result["fr"],
-                 "fr_layers": result["fr_layers"], "time_s": elapsed, "lr": lr, "skipped_steps": skipped}
+                 "fr_layers": result["fr_layers"], "time_s": elapsed, "cpu_time_s": cpu, "lr": lr,
+                 "skipped_steps": skipped}
         if val is not None:
             entry.update(val_acc=val["test_acc"], val_loss=val["test_loss"])
         metrics["epochs"].append(entry)
         metrics["wall_time_s"] += elapsed
+        metrics["cpu_time_s"] = metrics.get("cpu_time_s", 0.0) + cpu  # (absent from runs before it was recorded)
         score = entry["val_acc"] if val is not None else entry["test_acc"]
         improved = score > best
         if improved:  # best_test_acc: the test accuracy of the chosen epoch

@@ -81,6 +81,80 @@ def test_validation_split_chooses_the_epoch(data_dir, tmp_path):
     assert m["best_val_acc"] == best["val_acc"]
 
 
+def test_mnist_validation_chooses_the_epoch_and_test_chooses_nothing(data_dir, tmp_path):
+    """The method's protocol: --val-fraction holds out training images; the epoch is the best on
+    them, and best_test_acc is the test accuracy *at* that epoch, whatever the test set says."""
+    out = tmp_path / "run"
+    assert run(["--task", "smnist", "--epochs", "4", "--batch-size", "16", "--val-fraction", "0.25"] + TINY["smnist"],
+               data_dir, out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_train"], cfg["n_val"], cfg["n_test"]) == (48, 16, 32) and cfg["data"]["val_fraction"] == 0.25
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_on"] == "val"
+    best = max(m["epochs"], key=lambda e: (e["val_acc"], -e["epoch"]))
+    assert m["best_epoch"] == best["epoch"] and m["best_test_acc"] == best["test_acc"]
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == best["epoch"]
+
+
+def _config(argv):
+    parser = T.make_parser()
+    return T.config_from_args(parser.parse_args(argv), parser)
+
+
+def test_mnist_presets_resolve_to_the_methods_networks():
+    from srnn_fast.data.mnist import rbf_density_gain
+
+    for task in ("smnist", "psmnist"):
+        small = _config(["--task", task])
+        assert small["preset"] == task and small["hidden_sizes"] == [120, 100]
+        assert small["data"] == {"encoding": "rbf", "population": 80, "gain": rbf_density_gain(80)}
+        large = _config(["--task", task, "--preset", "mnist_256_128"])
+        assert large["preset"] == "mnist_256_128" and large["hidden_sizes"] == [256, 128]
+        assert large["data"] == {"encoding": "rbf", "population": 40, "gain": rbf_density_gain(40)}
+        for cfg in (small, large):
+            assert (cfg["readout"], cfg["decode"], cfg["neuron"]) == ("spiking", "count", "adaptive")
+            assert cfg["lr_milestones"] == [25, 50, 100, 150] and cfg["lr_gamma"] == 0.5 and cfg["epochs"] == 200
+            assert cfg["grad_clip"] == T.PRESETS[task]["grad_clip"] is not None
+    # flags override a preset; a StepLR asked for replaces its milestones
+    cfg = _config(["--task", "smnist", "--preset", "mnist_256_128", "--hidden-sizes", "64", "--population", "20",
+                   "--lr-step", "10"])
+    assert cfg["hidden_sizes"] == [64] and cfg["data"]["population"] == 20
+    assert cfg["lr_step"] == 10 and cfg["lr_milestones"] is None
+    assert _config(["--task", "ecg"])["b0"] == 0.01 and _config(["--task", "ecg", "--b0", "0.2"])["b0"] == 0.2
+
+
+def test_lr_milestones_schedule():
+    net = nn.Linear(2, 2)
+    lrs = {}
+    for cfg in ({"lr_milestones": [2, 4], "lr_step": 1, "lr_gamma": 0.5}, {"lr_milestones": None, "lr_step": 3,
+                                                                          "lr_gamma": 0.5}):
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        sched = T.make_scheduler(opt, cfg)
+        lrs[bool(cfg["lr_milestones"])] = []
+        for _ in range(6):  # the lr of epochs 1..6
+            lrs[bool(cfg["lr_milestones"])].append(opt.param_groups[0]["lr"])
+            sched.step()
+    assert lrs[True] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert lrs[False] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+
+
+def test_mnist_preset_trains_on_tiny_data(data_dir, tmp_path):
+    """The 40 -> 256 -> 128 preset end to end (a few images): a step changes every parameter group."""
+    out = tmp_path / "run"
+    assert run(["--task", "psmnist", "--preset", "mnist_256_128", "--epochs", "1", "--batch-size", "8",
+                "--limit", "16", "--val-fraction", "0.25"], data_dir, out) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["input_size"] == 40 and cfg["params"] == sum(
+        p.numel() for p in T.build_model(cfg).parameters())
+    trained = torch.load(out / "last.pt", weights_only=False)["model"]
+    torch.manual_seed(cfg["seed"])
+    init = T.build_model(cfg).state_dict()
+    changed = [k for k in init if not torch.equal(init[k], trained[k])]
+    assert sorted(changed) == sorted(init), set(init) - set(changed)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_on"] == "val" and m["epochs"][0]["skipped_steps"] == 0
+
+
 def test_time_constants_stay_above_dt_after_a_large_step():
     cfg = {"model": "adaptive", "input_size": 3, "hidden_sizes": [5], "num_classes": 2, "readout": "integrator",
            "decode": "per_step", "backend": "reference", "tau_out_init": [20.0, 5.0], "tau_m_init": [2.0, 0.5],
@@ -278,6 +352,10 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "smnist", "--seq-len", "100"], "--seq-len does not apply to --task smnist"),
     (["--task", "shd", "--frame-ms", "5"], "invalid choice"),
     (["--task", "ecg", "--ema", "1"], "expected a number in (0, 1); got '1'"),
+    (["--task", "smnist", "--val-fraction", "1.5"], "expected a number in (0, 1); got '1.5'"),
+    (["--task", "ecg", "--lr-milestones", "50,25"], "expected increasing positive epochs"),
+    (["--task", "ecg", "--lr-step", "5", "--lr-milestones", "25"], "two schedules: give one"),
+    (["--task", "ecg", "--preset", "mnist_256_128"], "--preset mnist_256_128 is for --task smnist / psmnist"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
