@@ -201,6 +201,18 @@ def _sizes(text: str) -> list:
     return sizes
 
 
+def _clip_norm(text: str) -> float:
+    if text.lower() == "none":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a positive norm, or 0 / none for no clipping; got {text!r}")
+    return value
+
+
 def _milestones(text: str) -> list:
     try:
         epochs = [int(v) for v in text.split(",")]
@@ -256,8 +268,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=_fraction, metavar="DECAY",
                    help="evaluate and checkpoint an exponential moving average of the weights, updated after "
                         "every step with this decay in (0, 1) (e.g. 0.99); training itself is unchanged")
-    p.add_argument("--grad-clip", type=_positive(float),
-                   help="clip the gradient's global norm to this before each step (default: no clipping)")
+    p.add_argument("--grad-clip", type=_clip_norm,
+                   help="clip the gradient's global norm to this before each step; 0 or none: no clipping "
+                        "(presets: none, S-MNIST / PS-MNIST 1)")
     p.add_argument("--surrogate", choices=("gaussian", "multi_gaussian"), default="gaussian")
     p.add_argument("--init-state", choices=("uniform", "zeros"), default="uniform",
                    help="initial membrane in training: U(0,1) or zeros")
@@ -397,7 +410,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None)
     sequences can overflow float32 (|grad| ~ 1e44 measured for an adaptive ECG layer late in
     training), and one NaN step would put NaN into every weight through Adam's moments.
     With DDP the gradients are already averaged, so every rank takes the same decision."""
-    # max_norm inf: the total norm, the gradients unchanged (scaled by exactly 1)
+    # max_norm inf (grad_clip None or 0): the total norm, the gradients unchanged (scaled by exactly 1)
     norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
                                     grad_clip or float("inf"))
     if not torch.isfinite(norm):

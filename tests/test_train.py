@@ -121,6 +121,7 @@ def test_mnist_presets_resolve_to_the_methods_networks():
     assert cfg["hidden_sizes"] == [64] and cfg["data"]["population"] == 20
     assert cfg["lr_step"] == 10 and cfg["lr_milestones"] is None
     assert _config(["--task", "ecg"])["b0"] == 0.01 and _config(["--task", "ecg", "--b0", "0.2"])["b0"] == 0.2
+    assert _config(["--task", "smnist", "--grad-clip", "none"])["grad_clip"] == 0.0  # 0: no clipping
 
 
 def test_lr_milestones_schedule():
@@ -354,6 +355,7 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "ecg", "--ema", "1"], "expected a number in (0, 1); got '1'"),
     (["--task", "smnist", "--val-fraction", "1.5"], "expected a number in (0, 1); got '1.5'"),
     (["--task", "ecg", "--lr-milestones", "50,25"], "expected increasing positive epochs"),
+    (["--task", "ecg", "--grad-clip", "-1"], "expected a positive norm, or 0 / none"),
     (["--task", "ecg", "--lr-step", "5", "--lr-milestones", "25"], "two schedules: give one"),
     (["--task", "ecg", "--preset", "mnist_256_128"], "--preset mnist_256_128 is for --task smnist / psmnist"),
 ])
@@ -392,6 +394,17 @@ def test_optimizer_step_skips_non_finite_gradients():
         assert T.optimizer_step(net, opt, clip) is False and not opt.state
     net.weight.grad, net.bias.grad = torch.ones_like(net.weight), torch.ones_like(net.bias)
     assert T.optimizer_step(net, opt, 1.0) is True
+    # the step sees the gradients as they are (clip 0: none) or scaled to norm 1 (8 entries of 100: norm 100 sqrt(8))
+    grads = [torch.full_like(p, 100.0) for p in net.parameters()]
+    for clip, scale in ((0.0, 1.0), (1.0, 1.0 / (100.0 * 8 ** 0.5))):
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g.clone()
+        seen = []
+        opt.step = lambda: seen.extend(p.grad.clone() for p in net.parameters())
+        assert T.optimizer_step(net, opt, clip) is True
+        del opt.step
+        for g, s in zip(grads, seen):
+            torch.testing.assert_close(s, g * scale)
     assert not torch.equal(before[0], net.weight) and torch.isfinite(net.weight).all()
 
 
