@@ -134,6 +134,7 @@ def test_lr_milestones_schedule():
         lrs[bool(cfg["lr_milestones"])] = []
         for _ in range(6):  # the lr of epochs 1..6
             lrs[bool(cfg["lr_milestones"])].append(opt.param_groups[0]["lr"])
+            opt.step()
             sched.step()
     assert lrs[True] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
     assert lrs[False] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
