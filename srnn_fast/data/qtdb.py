@@ -126,6 +126,66 @@ def bandpass(signal: np.ndarray, fs: float) -> np.ndarray:
     return sps.filtfilt(b, a, signal - baseline, axis=0)
 
 
+def read_signal(stem, channels=None, what: Optional[str] = None):
+    """The physical signal float64 [n, N_LEADS] and sampling rate of the WFDB record at ``stem``
+    (its path without extension), read with ``wfdb``; ``channels``: the two channels to use
+    (indices or signal names; default: the record's, which must be two). Errors (DataError)
+    name the file: a missing header or signal file, an unreadable one, the wrong number of
+    leads, a signal file shorter than its header says. ``what`` names the record in them."""
+    import wfdb
+
+    stem = pathlib.Path(stem)
+    what = what or f"WFDB record {stem}"
+    hea = stem.with_name(stem.name + ".hea")
+    if not hea.is_file():
+        raise DataError(f"{what}: missing file {hea}; place the complete record (.hea and its signal file) there")
+    try:
+        header = wfdb.rdheader(str(stem))
+    except Exception as e:  # wfdb raises many types on damaged files
+        raise DataError(f"{what}: cannot read its header {hea} ({type(e).__name__}: {e})") from e
+    names = list(header.sig_name or [])
+    for f in sorted(set(header.file_name or [])):
+        if not (stem.parent / f).is_file():
+            raise DataError(f"{what}: missing file {stem.parent / f} (named by {hea}); place the complete "
+                            "record there")
+    if channels is None:
+        if header.n_sig != N_LEADS:
+            raise DataError(f"{what}: expected {N_LEADS} leads in {hea}; it has {header.n_sig} ({names}); "
+                            f"choose {N_LEADS} of them (channels / --leads)")
+        channels = list(range(N_LEADS))
+    else:
+        channels = [names.index(c) if c in names else c for c in channels]
+        bad = [c for c in channels if not (isinstance(c, int) and 0 <= c < header.n_sig)]
+        if len(channels) != N_LEADS or bad:
+            raise DataError(f"{what}: channels must name {N_LEADS} of the signals of {hea} (an index in "
+                            f"0..{header.n_sig - 1} or one of {names}); got {bad or channels}")
+    try:
+        rec = wfdb.rdrecord(str(stem), channels=channels)
+    except Exception as e:
+        dat = ", ".join(str(stem.parent / f) for f in sorted(set(header.file_name or [])))
+        raise DataError(f"{what}: cannot read {hea} / {dat} ({type(e).__name__}: {e}); the files are probably "
+                        "truncated or corrupt: download the record again") from e
+    signal = rec.p_signal
+    if signal is None or signal.ndim != 2 or signal.shape[1] != N_LEADS:
+        shape = None if signal is None else signal.shape
+        raise DataError(f"{what}: expected {N_LEADS} leads in {stem}.dat; got signal shape {shape}")
+    if len(signal) != rec.sig_len:
+        raise DataError(f"{what}: {stem}.dat holds {len(signal)} samples, the header says "
+                        f"{rec.sig_len}; the file is truncated: download it again")
+    return signal, float(rec.fs)
+
+
+def normalise(signal: np.ndarray, fs: float, filter: str = "none") -> np.ndarray:
+    """A record's leads [n, leads] filtered (``filter``) and normalised as the module docstring
+    says, float64; invalid samples (NaN) are excluded from the statistics and set to 0."""
+    if filter == "bandpass":  # (NaNs would spread through the filters: they become the lead's mean first)
+        signal = bandpass(np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal), fs)
+    mean = np.nanmean(signal, axis=0)
+    std = np.nanstd(signal, axis=0)
+    std[~(std > 0)] = 1.0
+    return np.nan_to_num((signal - mean) / std, nan=0.0)
+
+
 def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0, filter: str = "none"):
     """One record: (filtered and normalised signal float64 [n, 2], labels int8 [n], fs)."""
     import wfdb
@@ -135,28 +195,14 @@ def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0, filter
         if not stem.with_suffix("." + ext).is_file():
             raise DataError(f"QTDB record {name}: missing file {stem}.{ext}; place the complete "
                             "record (.hea, .dat, .q1c) there")
+    signal, fs = read_signal(stem, what=f"QTDB record {name}")
     try:
-        rec = wfdb.rdrecord(str(stem))
         ann = wfdb.rdann(str(stem), "q1c")
     except Exception as e:  # wfdb raises many types on damaged files
-        raise DataError(f"QTDB record {name}: cannot read {stem}.hea/.dat/.q1c ({type(e).__name__}: {e}); "
-                        "the files are probably truncated or corrupt: download the record again") from e
-    signal = rec.p_signal
-    if signal is None or signal.ndim != 2 or signal.shape[1] != N_LEADS:
-        shape = None if signal is None else signal.shape
-        raise DataError(f"QTDB record {name}: expected {N_LEADS} leads in {stem}.dat; got signal shape {shape}")
-    if len(signal) != rec.sig_len:
-        raise DataError(f"QTDB record {name}: {stem}.dat holds {len(signal)} samples, the header says "
-                        f"{rec.sig_len}; the file is truncated: download it again")
-    # Invalid samples read as NaN; they are excluded from the statistics and set to the mean.
-    if filter == "bandpass":  # (NaNs would spread through the filters: they become the lead's mean first)
-        signal = bandpass(np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal), rec.fs)
-    mean = np.nanmean(signal, axis=0)
-    std = np.nanstd(signal, axis=0)
-    std[~(std > 0)] = 1.0
-    signal = np.nan_to_num((signal - mean) / std, nan=0.0)
-    labels = segment_labels(ann.sample, ann.symbol, len(signal), rec.fs, max_tp_s)
-    return signal, labels, rec.fs
+        raise DataError(f"QTDB record {name}: cannot read {stem}.q1c ({type(e).__name__}: {e}); "
+                        "the file is probably truncated or corrupt: download the record again") from e
+    labels = segment_labels(ann.sample, ann.symbol, len(signal), fs, max_tp_s)
+    return normalise(signal, fs, filter), labels, fs
 
 
 def window_starts(labels: np.ndarray, seq_len: int, stride: int, min_labelled: float) -> list:
