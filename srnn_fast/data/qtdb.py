@@ -343,8 +343,13 @@ def _cached_preprocess(qtdb_dir: pathlib.Path, names, settings: dict, cache_dir)
 def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, threshold: float = 0.3,
               test_fraction: float = 0.2, npz=None, stride: Optional[int] = None, records=None,
               cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0,
-              filter: str = "none", augment: int = 0):
+              filter: str = "none", augment: int = 0, test_npz=None):
     """Train/test SequenceDatasets of (x float32 [T, 4], y int64 [T]) and an info dict.
+
+    ``test_npz``: a preprocessed ``.npz`` (the ``npz`` format) that is the test set, whole,
+    instead of a seeded ``test_fraction`` of the records: every record of ``npz`` (or of the
+    raw records) then trains (bring-your-own split). Its record names, where both files have
+    them, must not occur among the training records.
 
     ``augment`` = K > 0 adds K distorted copies of every training record to the training
     set (module docstring); validation and test sets are never augmented.
@@ -370,6 +375,7 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             raise ValueError("augment needs the raw QTDB records (it distorts the signal before encoding); "
                              "it does not apply with npz")
         arrays = load_npz(npz)
+        named = arrays["record"] is not None  # else the names below are indices, which say nothing
         if arrays["record"] is None:  # no grouping given: every sequence is its own group
             arrays["record"] = np.arange(len(arrays["x"])).astype(str)
         if seq_len is not None and seq_len != arrays["x"].shape[1]:
@@ -396,10 +402,19 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
         if filter != "none":
             settings["filter"] = filter
         arrays = _cached_preprocess(qtdb_dir, names, settings, cache_dir)
+        named = True
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     record = arrays["record"]
-    test = split_by_record(record, test_fraction, seed)
+    if test_npz is None:
+        test = split_by_record(record, test_fraction, seed)
+    else:
+        held = load_npz(test_npz)
+        test = np.zeros(len(record), bool)
+        shared = sorted(set(held["record"].tolist()) & set(record.tolist())) if held["record"] is not None else []
+        if shared and named:
+            raise ValueError(f"test_npz {test_npz} holds sequences of training records ({', '.join(shared[:5])}"
+                             f"{', ...' if len(shared) > 5 else ''}); a test set must hold other records")
     val = np.zeros_like(test)
     if val_fraction > 0:
         val[~test] = split_by_record(record[~test], val_fraction, seed + 1)
@@ -416,8 +431,16 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             "class_names": list(CLASSES),
             "train_records": sorted(set(record[train].tolist())),
             "test_records": sorted(set(record[test].tolist()))}
+    if test_npz is not None:
+        test_record = held["record"] if held["record"] is not None else np.arange(len(held["x"])).astype(str)
+        info["test_records"] = sorted(set(test_record.tolist()))
     if val_fraction > 0:
         info["val_records"] = sorted(set(record[val].tolist()))
         info["val"] = SequenceDataset(x[torch.from_numpy(val)], y[torch.from_numpy(val)])
     train, test = torch.from_numpy(train), torch.from_numpy(test)
-    return SequenceDataset(x[train], y[train]), SequenceDataset(x[test], y[test]), info
+    if test_npz is not None:
+        test_ds = SequenceDataset(torch.from_numpy(held["x"].astype(np.float32)),
+                                  torch.from_numpy(held["y"].astype(np.int64)))
+    else:
+        test_ds = SequenceDataset(x[test], y[test])
+    return SequenceDataset(x[train], y[train]), test_ds, info
