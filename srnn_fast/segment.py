@@ -105,21 +105,28 @@ def set_backend(model: torch.nn.Module, backend: str) -> None:
             m.backend = backend
 
 
-def encode(signal: np.ndarray, fs: float, cfg: dict, fs_net: float = TRAINING_FS) -> np.ndarray:
-    """The network's input float32 [m, 4] for a record's raw leads [n, 2] at ``fs``: resampled
-    to ``fs_net``, then filtered, normalised and level-crossing encoded with the run's data
-    options, exactly as training encoded its records."""
+def network_signal(signal: np.ndarray, fs: float, filter: str = "none", fs_net: float = TRAINING_FS) -> np.ndarray:
+    """A record's raw leads [n, 2] at ``fs`` resampled to ``fs_net``, then filtered and
+    normalised as training did (``qtdb.normalise``): float64 [m, 2]."""
     from scipy import signal as sps  # scipy comes with wfdb
 
-    from .data.encoders import level_crossing
-
-    data = cfg.get("data", {})
     if fs != fs_net:  # (NaNs would spread through the filter: they become the lead's mean first)
         ratio = Fraction(fs_net / fs).limit_denominator(1000)
         signal = np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal)
         signal = sps.resample_poly(signal, ratio.numerator, ratio.denominator, axis=0)
-    signal = normalise(signal, fs_net, data.get("filter", "none"))
-    return level_crossing(signal, data.get("threshold", 0.3)).numpy()
+    return normalise(signal, fs_net, filter)
+
+
+def encode(signal: np.ndarray, fs: float, cfg: dict, fs_net: float = TRAINING_FS, normalised=None) -> np.ndarray:
+    """The network's input float32 [m, 4] for a record's raw leads [n, 2] at ``fs``:
+    ``network_signal`` (or ``normalised``, its result if already computed) level-crossing
+    encoded with the run's threshold, exactly as training encoded its records."""
+    from .data.encoders import level_crossing
+
+    data = cfg.get("data", {})
+    if normalised is None:
+        normalised = network_signal(signal, fs, data.get("filter", "none"), fs_net)
+    return level_crossing(normalised, data.get("threshold", 0.3)).numpy()
 
 
 @torch.no_grad()
@@ -437,8 +444,16 @@ def segment_record(record, model, cfg: dict, out: pathlib.Path, *, chunk: int = 
     if n == 0:
         raise DataError(f"WFDB record {stem}: the signal holds no samples")
 
+    normalised = {}  # per filter: the filters cost seconds on a long record, so each runs once
+
+    def inputs(c):
+        f = c.get("data", {}).get("filter", "none")
+        if f not in normalised:
+            normalised[f] = network_signal(raw, fs, f)
+        return encode(raw, fs, c, normalised=normalised[f])
+
     t0 = time.perf_counter()
-    x = encode(raw, fs, cfg)
+    x = inputs(cfg)
     preprocess_s = time.perf_counter() - t0
     # where each of the record's samples sits in the network's steps
     index = np.minimum(np.round(np.arange(n) * (TRAINING_FS / fs)).astype(np.int64), len(x) - 1)
@@ -463,7 +478,8 @@ def segment_record(record, model, cfg: dict, out: pathlib.Path, *, chunk: int = 
             set_backend(model, cfg.get("backend", "auto"))
         summary["throughput"]["reference"] = _throughput(ref["seconds"], len(x), n / fs)
         summary["reference_agreement"] = float((ref["labels"] == result["labels"]).mean())
-    lead0 = normalise(raw, fs, cfg.get("data", {}).get("filter", "none"))[:, 0]
+    filt = cfg.get("data", {}).get("filter", "none")
+    lead0 = (normalised[filt] if fs == TRAINING_FS else normalise(raw, fs, filt))[:, 0]
     min_run = int(round(min_run_ms * 1e-3 * fs))
     samples, symbols = labels_to_annotations(absorb_short_runs(labels, min_run), lead0)
     if plot_start is None:
@@ -472,7 +488,7 @@ def segment_record(record, model, cfg: dict, out: pathlib.Path, *, chunk: int = 
         correct, counted = accuracy(labels, expert[2])
         summary["accuracy"]["srnn" if cfg["model"] not in _BASELINES else cfg["model"]] = [correct, counted]
         for peer_name, (peer_model, peer_cfg) in peers:
-            peer_labels = on_record(run_network(peer_model, encode(raw, fs, peer_cfg), chunk, progress)["labels"])
+            peer_labels = on_record(run_network(peer_model, inputs(peer_cfg), chunk, progress)["labels"])
             summary["accuracy"][peer_name] = list(accuracy(peer_labels, expert[2]))
         if neurokit:
             summary["accuracy"]["neurokit2"] = list(accuracy(neurokit_labels(raw[:, 0], fs), expert[2]))
