@@ -65,7 +65,8 @@ import numpy as np
 import torch
 
 from .data.common import DataError
-from .data.qtdb import CLASSES, N_LEADS, P, PQ, QR, RS, ST, TP, normalise, read_signal, segment_labels
+from .data.qtdb import (CLASSES, N_LEADS, P, QR, RS, ST, normalise, pick_channels, read_signal,
+                        segment_labels)
 
 TRAINING_FS = 250.0  # QTDB's rate: every ECG run of srnn_fast.train was trained on it
 DEFAULT_CHUNK = 64 * 256  # steps per chunk (a multiple of modules.INTEGRATE_BLOCK: bit-exact streaming)
@@ -435,8 +436,7 @@ def segment_record(record, model, cfg: dict, out: pathlib.Path, *, chunk: int = 
     stem = record_stem(record)
     raw, fs = read_signal(stem, leads)
     header = wfdb.rdheader(str(stem))
-    channels = list(range(N_LEADS)) if leads is None else [
-        header.sig_name.index(c) if c in header.sig_name else int(c) for c in leads]
+    channels = pick_channels(header, leads)
     units = [header.units[c] for c in channels]
     sig_names = [header.sig_name[c] for c in channels]
     expert = read_expert(stem, ann, len(raw), fs, ann_required)

@@ -143,22 +143,11 @@ def read_signal(stem, channels=None, what: Optional[str] = None):
         header = wfdb.rdheader(str(stem))
     except Exception as e:  # wfdb raises many types on damaged files
         raise DataError(f"{what}: cannot read its header {hea} ({type(e).__name__}: {e})") from e
-    names = list(header.sig_name or [])
     for f in sorted(set(header.file_name or [])):
         if not (stem.parent / f).is_file():
             raise DataError(f"{what}: missing file {stem.parent / f} (named by {hea}); place the complete "
                             "record there")
-    if channels is None:
-        if header.n_sig != N_LEADS:
-            raise DataError(f"{what}: expected {N_LEADS} leads in {hea}; it has {header.n_sig} ({names}); "
-                            f"choose {N_LEADS} of them (channels / --leads)")
-        channels = list(range(N_LEADS))
-    else:
-        channels = [names.index(c) if c in names else c for c in channels]
-        bad = [c for c in channels if not (isinstance(c, int) and 0 <= c < header.n_sig)]
-        if len(channels) != N_LEADS or bad:
-            raise DataError(f"{what}: channels must name {N_LEADS} of the signals of {hea} (an index in "
-                            f"0..{header.n_sig - 1} or one of {names}); got {bad or channels}")
+    channels = pick_channels(header, channels, f"{what}: {hea}")
     try:
         rec = wfdb.rdrecord(str(stem), channels=channels)
     except Exception as e:
@@ -173,6 +162,23 @@ def read_signal(stem, channels=None, what: Optional[str] = None):
         raise DataError(f"{what}: {stem}.dat holds {len(signal)} samples, the header says "
                         f"{rec.sig_len}; the file is truncated: download it again")
     return signal, float(rec.fs)
+
+
+def pick_channels(header, channels=None, where: str = "the record") -> list:
+    """Indices of the N_LEADS signals ``channels`` (indices or names; default: all, which must
+    be N_LEADS) in a ``wfdb`` header; DataError naming ``where`` otherwise."""
+    names = list(header.sig_name or [])
+    if channels is None:
+        if header.n_sig != N_LEADS:
+            raise DataError(f"{where}: expected {N_LEADS} leads; it has {header.n_sig} ({names}); "
+                            f"choose {N_LEADS} of them (channels / --leads)")
+        return list(range(N_LEADS))
+    picked = [names.index(c) if c in names else c for c in channels]
+    bad = [c for c in picked if not (isinstance(c, int) and 0 <= c < header.n_sig)]
+    if len(picked) != N_LEADS or bad:
+        raise DataError(f"{where}: channels must name {N_LEADS} of its signals (an index in 0..{header.n_sig - 1} "
+                        f"or one of {names}); got {bad or list(channels)}")
+    return picked
 
 
 def normalise(signal: np.ndarray, fs: float, filter: str = "none") -> np.ndarray:
