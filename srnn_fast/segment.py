@@ -12,7 +12,8 @@ the whole record (``qtdb.normalise``: the record-wide statistics and the zero-ph
 training need the whole record, as they did there), level-crossing encoded with the run's
 threshold, and the network runs over the whole record in chunks of ``--chunk`` steps,
 carrying its state from chunk to chunk (``AdaptiveSRNN.stream``): the labels equal those of
-one pass over the whole record, and the network's memory does not grow with its length.
+one pass over the whole record, and the network's memory does not grow with its length (the
+record itself, its encoding and its labels are held whole: ~6 MB for a 15-minute QTDB record).
 
 Written to DIR, each file to a temporary name first and renamed once all of a record's
 outputs are complete (an error leaves none of them behind):
@@ -29,8 +30,8 @@ outputs are complete (an error leaves none of them behind):
   boundaries) first take the label before them, in this file only. Read back through the
   loader's rule (``qtdb.segment_labels``) these annotations give those labels again
   wherever a beat's waves follow in order.
-- ``<record>_labels.csv``: sample, time_s, label (0-5, -1 where none), wave name, and the
-  expert label where the record has expert annotations (``--ann``, default ``q1c``).
+- ``<record>_labels.csv``: sample, time_s, label (0-5: P, PQ, QR, RS, ST, TP), wave name, and the
+  expert label (-1: none) where the record has expert annotations (``--ann``, default ``q1c``).
 - ``<record>.png``: both leads over ``--plot-start`` .. + ``--plot-seconds`` seconds (by
   default from 1 s before the first expert annotation, else from the start), the predicted
   segments and, where present, the expert annotations and their labels.
