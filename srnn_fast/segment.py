@@ -330,9 +330,10 @@ def read_expert(stem: pathlib.Path, ann: Optional[str], n: int, fs: float, requi
 
 
 def accuracy(pred: np.ndarray, expert: np.ndarray):
-    """(correct, counted): predictions equal to the expert label over the labelled samples."""
+    """(correct, counted, unlabelled) over the samples the expert labels: predictions equal to
+    the expert label, those samples, and those the prediction leaves without a label (-1)."""
     mask = expert >= 0
-    return int((pred[mask] == expert[mask]).sum()), int(mask.sum())
+    return int((pred[mask] == expert[mask]).sum()), int(mask.sum()), int((pred[mask] < 0).sum())
 
 
 class _Outputs:
@@ -486,8 +487,8 @@ def segment_record(record, model, cfg: dict, out: pathlib.Path, *, chunk: int = 
     if plot_start is None:
         plot_start = max(expert[0][0] / fs - 1.0, 0.0) if expert is not None and len(expert[0]) else 0.0
     if expert is not None:
-        correct, counted = accuracy(labels, expert[2])
-        summary["accuracy"]["srnn" if cfg["model"] not in _BASELINES else cfg["model"]] = [correct, counted]
+        summary["accuracy"]["srnn" if cfg["model"] not in _BASELINES else cfg["model"]] = list(
+            accuracy(labels, expert[2]))
         for peer_name, (peer_model, peer_cfg) in peers:
             peer_labels = on_record(run_network(peer_model, inputs(peer_cfg), chunk, progress)["labels"])
             summary["accuracy"][peer_name] = list(accuracy(peer_labels, expert[2]))
@@ -564,22 +565,23 @@ def _table(summaries: list, columns: list) -> str:
     """Markdown: accuracy per record and column, and over every scored sample."""
     rows = ["| record | labelled samples | " + " | ".join(columns) + " |",
             "|---|---:|" + "---:|" * len(columns)]
-    totals = {c: [0, 0] for c in columns}
+    def cell(correct, counted, unlabelled=0, bold=False):
+        if not counted:
+            return "-"
+        text = f"**{100 * correct / counted:.1f}**" if bold else f"{100 * correct / counted:.1f}"
+        return text + (f" ({100 * unlabelled / counted:.0f} % unlabelled)" if unlabelled else "")
+
+    totals = {c: [0, 0, 0] for c in columns}
     for s in summaries:
         acc = s["accuracy"]
-        if not acc:
-            continue
-        n = next(iter(acc.values()))[1]
         cells = []
         for c in columns:
-            correct, counted = acc.get(c, (0, 0))
-            totals[c][0] += correct
-            totals[c][1] += counted
-            cells.append(f"{100 * correct / counted:.1f}" if counted else "-")
-        rows.append(f"| {s['record']} | {n} | " + " | ".join(cells) + " |")
+            counts = acc.get(c, (0, 0, 0))
+            totals[c] = [a + b for a, b in zip(totals[c], counts)]
+            cells.append(cell(*counts))
+        rows.append(f"| {s['record']} | {next(iter(acc.values()))[1]} | " + " | ".join(cells) + " |")
     n_all = max((t[1] for t in totals.values()), default=0)
-    rows.append(f"| **all** | {n_all} | " + " | ".join(
-        f"**{100 * t[0] / t[1]:.1f}**" if t[1] else "-" for t in totals.values()) + " |")
+    rows.append(f"| **all** | {n_all} | " + " | ".join(cell(*t, bold=True) for t in totals.values()) + " |")
     return "\n".join(rows)
 
 
@@ -633,7 +635,7 @@ def _run(args, parser) -> int:
         summaries.append(s)
         speed = "; ".join(f"{b} {v['samples_per_s']:,.0f} samples/s = {v['x_real_time']:,.0f}x real time"
                           for b, v in s["throughput"].items())
-        acc = "; ".join(f"{k} {100 * c / m:.1f} %" for k, (c, m) in s["accuracy"].items() if m)
+        acc = "; ".join(f"{k} {100 * c / m:.1f} %" for k, (c, m, _) in s["accuracy"].items() if m)
         print(f"{s['record']}: {s['samples']} samples ({s['duration_s']:.0f} s at {s['fs']:g} Hz), "
               f"network on {s['threads']} thread(s): {speed}; energy {s['energy_uj_per_s']:.3g} uJ per s of "
               f"signal" + (f"; accuracy vs {args.ann}: {acc}" if acc else ""), flush=True)

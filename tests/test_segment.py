@@ -243,3 +243,11 @@ def test_checkpoint_errors(tmp_path):
     run = make_run(tmp_path / "run", task="shd", decode="mean")
     with pytest.raises(ValueError, match="not an ECG run"):
         S.load_run(run)
+
+
+def test_score_table_counts_unlabelled_samples_as_wrong():
+    assert S.accuracy(np.array([0, 0, -1, 5, 5]), np.array([0, 1, 1, 5, -1])) == (2, 4, 1)
+    table = S._table([{"record": "a", "accuracy": {"srnn": [3, 4, 0], "neurokit2": [2, 4, 1]}},
+                      {"record": "b", "accuracy": {"srnn": [1, 4, 0], "neurokit2": [4, 4, 0]}}], ["srnn", "neurokit2"])
+    assert "| a | 4 | 75.0 | 50.0 (25 % unlabelled) |" in table
+    assert "| **all** | 8 | **50.0** | **75.0** (12 % unlabelled) |" in table
