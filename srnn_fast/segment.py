@@ -254,9 +254,6 @@ def labels_to_annotations(labels: np.ndarray, lead: np.ndarray):
                 if offset is not None:
                     add(offset, ")")
         i += 1
-    # A "(" whose wave peak fell outside the record would dangle: keep only complete pairs.
-    keep = [k for k, (_, sym) in enumerate(out) if sym != "(" or (k + 1 < len(out) and out[k + 1][1] not in "()")]
-    out = [out[k] for k in keep]
     return np.array([s for s, _ in out], dtype=np.int64), [sym for _, sym in out]
 
 
