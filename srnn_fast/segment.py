@@ -566,7 +566,8 @@ def _table(summaries: list, columns: list) -> str:
         if not counted:
             return "-"
         text = f"**{100 * correct / counted:.1f}**" if bold else f"{100 * correct / counted:.1f}"
-        return text + (f" ({100 * unlabelled / counted:.0f} % unlabelled)" if unlabelled else "")
+        share = 100 * unlabelled / counted
+        return text + (f" ({share:.0f} % unlabelled)" if share >= 1 else " (<1 % unlabelled)" if unlabelled else "")
 
     totals = {c: [0, 0, 0] for c in columns}
     for s in summaries:
