@@ -51,6 +51,7 @@ DIR hold the table, per record and over all of them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -617,11 +618,8 @@ def _run(args, parser) -> int:
         peer_model, peer_cfg = load_run(run)
         peers.append((peer_cfg["model"] if peer_cfg["model"] in _BASELINES else "srnn " + pathlib.Path(run).name,
                       (peer_model, peer_cfg)))
-    if args.neurokit:  # fail before the first record, not after it
-        try:
-            import neurokit2  # noqa: F401
-        except ImportError:
-            parser.exit(1, f"{parser.prog}: error: --neurokit needs NeuroKit2: pip install 'srnn_fast[delineate]'\n")
+    if args.neurokit and importlib.util.find_spec("neurokit2") is None:  # fail before the first record
+        parser.exit(1, f"{parser.prog}: error: --neurokit needs NeuroKit2: pip install 'srnn_fast[delineate]'\n")
     out = pathlib.Path(args.out)
     summaries = []
     for record in records:
