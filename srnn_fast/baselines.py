@@ -55,3 +55,16 @@ class RNNBaseline(nn.Module):
         else:
             logits = self.output(h[:, -1])
         return (logits, []) if return_spikes else logits
+
+    def stream(self, x: torch.Tensor, state=None):
+        """Logits at every step of x [B, T, F] and the state after the last step (one torch
+        RNN state per layer); passing it to the next call continues the sequence. Only
+        unidirectional kinds stream: a backward direction needs the sequence's end."""
+        if self.bidirectional:
+            raise ValueError(f"{self.kind!r} reads each sequence backwards too, so it cannot stream; "
+                             "use lstm, gru or rnn")
+        h, states = x, []
+        for i, layer in enumerate(self.layers):
+            h, st = layer(h, None if state is None else state[i])
+            states.append(st)
+        return self.output(h), tuple(states)

@@ -1,6 +1,8 @@
 """nn.Modules: one recurrent SRNN layer, and a stacked network with a readout and a decoder."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -11,6 +13,9 @@ from .scan import srnn_scan
 READOUTS = ("integrator", "spiking", "membrane")
 DECODERS = ("count", "last", "max", "mean", "per_step")
 INIT_STATES = ("uniform", "zeros")
+# Steps per block of leaky_integrate: streaming chunks that are multiples of it line up with
+# the blocks of one pass, so AdaptiveSRNN.stream reproduces forward bit for bit.
+INTEGRATE_BLOCK = 64
 
 
 def _normal_init(t: torch.Tensor, mean_std, floor: float) -> None:
@@ -20,7 +25,7 @@ def _normal_init(t: torch.Tensor, mean_std, floor: float) -> None:
         nn.init.normal_(t, mean, std).clamp_(min=floor)
 
 
-def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: int = 64,
+def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: int = INTEGRATE_BLOCK,
                     o0: torch.Tensor = None) -> torch.Tensor:
     """o_t = a o_{t-1} + (1 - a) y_t with a = exp(-dt / tau), o_0 = ``o0`` (default 0); y [T, B, C], tau [C].
 
@@ -45,7 +50,7 @@ def leaky_integrate(y: torch.Tensor, tau: torch.Tensor, dt: float = 1.0, chunk: 
 
 
 def membrane_trace(s: torch.Tensor, x_proj: torch.Tensor, tau_m: torch.Tensor, tau_adp: torch.Tensor,
-                   state: SRNNState, config) -> torch.Tensor:
+                   state: SRNNState, config, return_state: bool = False):
     """u_t for every step of a feed-forward (W_rec = 0) scan, rebuilt from its spikes s [T, B, H].
 
     Given the spikes, eta and u are linear recurrences (section 1 of the spec):
@@ -53,6 +58,8 @@ def membrane_trace(s: torch.Tensor, x_proj: torch.Tensor, tau_m: torch.Tensor, t
     y_t = r_m x_proj[t] - theta_t s_{t-1} dt / (1 - alpha), so both are leaky integrations.
     Autograd through this and through the scan that made s gives the reference's gradient of
     a loss on u (the scan carries the surrogate path s_t <- u_t), without a Python loop over t.
+    With ``return_state`` it also returns the trace's SRNNState (u_T, eta_T, s_T), the
+    ``state`` from which a next call continues it.
     """
     c = config
     s_prev = torch.cat([state.s.unsqueeze(0), s[:-1]])
@@ -60,7 +67,17 @@ def membrane_trace(s: torch.Tensor, x_proj: torch.Tensor, tau_m: torch.Tensor, t
     theta = c.b0 + c.beta * eta
     alpha = torch.exp(-c.dt / tau_m)
     drive = c.r_m * x_proj - theta * s_prev * (c.dt / (1 - alpha))
-    return leaky_integrate(drive, tau_m, c.dt, o0=state.u)
+    u = leaky_integrate(drive, tau_m, c.dt, o0=state.u)
+    return (u, SRNNState(u[-1], eta[-1], s[-1])) if return_state else u
+
+
+class NetworkState(NamedTuple):
+    """An AdaptiveSRNN's state between two ``stream`` calls: ``layers``, one SRNNState per
+    recurrent layer; ``readout``: the integrator's o [B, C], the spiking readout's SRNNState,
+    or for the membrane readout (its scan's SRNNState, its membrane trace's SRNNState)."""
+
+    layers: tuple
+    readout: object
 
 
 class SRNNLayer(nn.Module):
@@ -194,24 +211,7 @@ class AdaptiveSRNN(nn.Module):
                                     recurrent=False, **out_kwargs, **factory)
 
     def forward(self, x: torch.Tensor, return_spikes: bool = False):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be [T, B, input] ([B, T, input] with batch_first); got {got}")
-        h = x.transpose(0, 1) if self.batch_first else x
-        hidden = []
-        for layer in self.layers:
-            h, _ = layer(h)  # layers are time-major (batch_first=False)
-            hidden.append(h)
-        if self.readout == "integrator":
-            o = leaky_integrate(self.output(h), self.tau_out, self.dt)
-        elif self.readout == "spiking":
-            o, _ = self.output(h)
-        else:
-            out = self.output
-            x_proj = out.input(h)
-            state = out.initial_state(h.shape[1])
-            s, _ = srnn_scan(x_proj, out.w_rec, out.tau_m, out.tau_adp, state, **out.scan_options())
-            o = membrane_trace(s, x_proj, out.tau_m, out.tau_adp, state, out.config)
+        o, hidden, _, _ = self._run(x, None)
         if self.decode == "count":
             logits = o.sum(0)
         elif self.decode == "last":
@@ -223,3 +223,52 @@ class AdaptiveSRNN(nn.Module):
         else:
             logits = o.transpose(0, 1) if self.batch_first else o
         return (logits, hidden) if return_spikes else logits
+
+    def stream(self, x: torch.Tensor, state: "NetworkState" = None, return_spikes: bool = False):
+        """The readout o_t at every step of ``x`` (laid out as forward's x and its per_step
+        logits, whatever the decoder) and the NetworkState after the last step; passing that
+        state to the next call continues the sequence. Without a state it starts as forward
+        does. Chunks give what forward gives on their concatenation (decode="per_step"), bit
+        for bit when every chunk but the last is a multiple of INTEGRATE_BLOCK steps (the
+        readout integrates in blocks of that many steps; otherwise they differ by rounding).
+        ``return_spikes``: also the spikes [T, B, H] (time-major) of every spiking layer,
+        the hidden layers' then the readout's where it spikes.
+        """
+        o, hidden, s_out, state = self._run(x, state)
+        o = o.transpose(0, 1) if self.batch_first else o
+        if not return_spikes:
+            return o, state
+        return o, state, hidden + ([] if s_out is None else [s_out])
+
+    def _run(self, x: torch.Tensor, state):
+        """(o [T, B, C], hidden spikes, readout spikes or None, NetworkState) from ``state``
+        (None: the initial states)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [T, B, input] ([B, T, input] with batch_first); got {got}")
+        if state is not None and (not isinstance(state, NetworkState) or len(state.layers) != len(self.layers)):
+            raise ValueError(f"state must be the NetworkState of a previous stream() call of this network "
+                             f"({len(self.layers)} layer states); got {type(state).__name__}")
+        h = x.transpose(0, 1) if self.batch_first else x
+        hidden, layer_states = [], []
+        for i, layer in enumerate(self.layers):
+            h, st = layer(h, None if state is None else state.layers[i])  # layers are time-major
+            hidden.append(h)
+            layer_states.append(st)
+        carried = None if state is None else state.readout
+        if self.readout == "integrator":
+            o = leaky_integrate(self.output(h), self.tau_out, self.dt, o0=carried)
+            s_out, readout_state = None, o[-1]
+        elif self.readout == "spiking":
+            o, readout_state = self.output(h, carried)
+            s_out = o
+        else:  # the scan's state and the trace's (which rounds differently) are both carried
+            out = self.output
+            x_proj = out.input(h)
+            scan_state, trace_state = (out.initial_state(h.shape[1]),) * 2 if carried is None else carried
+            s_out, scan_state = srnn_scan(x_proj, out.w_rec, out.tau_m, out.tau_adp, scan_state,
+                                          **out.scan_options())
+            o, trace_state = membrane_trace(s_out, x_proj, out.tau_m, out.tau_adp, trace_state, out.config,
+                                            return_state=True)
+            readout_state = (scan_state, trace_state)
+        return o, hidden, s_out, NetworkState(tuple(layer_states), readout_state)

@@ -100,7 +100,7 @@ PRESET_KEYS = ("hidden_sizes", "readout", "decode", "batch_size", "epochs", "lr"
                "lr_gamma", "tau_m_init", "tau_adp_init", "tau_out_init", "b0", "grad_clip")
 # Data options a task accepts (passed to srnn_fast.data.build_datasets), with their CLI flags.
 DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction", "npz", "stride", "cache_dir",
-                        "context", "filter", "augment"),
+                        "context", "filter", "augment", "test_npz"),
                 "smnist": ("encoding", "population", "window", "limit", "val_fraction", "gain"),
                 "psmnist": ("encoding", "population", "window", "limit", "val_fraction", "gain"),
                 "shd": ("frame_ms", "limit")}
@@ -291,6 +291,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ecg: fraction of the training records, smnist/psmnist: of the training images, held "
                         "out for validation; the best epoch is then chosen on it, not on the test set")
     g.add_argument("--npz", help="ecg: preprocessed .npz instead of the wfdb records")
+    g.add_argument("--test-npz", help="ecg: preprocessed .npz that is the whole test set (bring-your-own split): "
+                   "every sequence of --npz (or every record) then trains")
     g.add_argument("--context", type=int, help="ecg: steps of the record's preceding signal (unlabelled) "
                    "before each window, so the network enters it running (default 0)")
     g.add_argument("--filter", choices=("none", "bandpass"),

@@ -431,3 +431,36 @@ def test_training_survives_and_reports_non_finite_steps(data_dir, tmp_path, monk
     monkeypatch.setattr(T, "loss_terms", lambda logits, y: loss_terms(logits, y, poison=lambda n: True))
     with pytest.raises(FloatingPointError, match="every optimizer step of epoch 1 had a non-finite gradient"):
         run(args, data_dir, tmp_path / "run2")
+
+
+@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb for the tiny QTDB records")
+def test_bring_your_own_split_npz(data_dir, tmp_path, capsys):
+    """--npz TRAIN --test-npz TEST: all of TRAIN trains, all of TEST tests (also for --evaluate)."""
+    import numpy as np
+
+    from srnn_fast.data import qtdb
+
+    arrays = qtdb.preprocess(data_dir / "qtdb", seq_len=120)
+    names = sorted(set(arrays["record"]))
+    held = np.isin(arrays["record"], names[:1])
+    train_npz, test_npz, other_npz = tmp_path / "train.npz", tmp_path / "test.npz", tmp_path / "other.npz"
+    qtdb.save_npz(train_npz, arrays["x"][~held], arrays["y"][~held], arrays["record"][~held])
+    qtdb.save_npz(test_npz, arrays["x"][held], arrays["y"][held], arrays["record"][held])
+    qtdb.save_npz(other_npz, arrays["x"][held][:2], arrays["y"][held][:2])  # no record names
+    out = tmp_path / "run"
+    assert T.main(["--task", "ecg", "--epochs", "1", "--batch-size", "8", "--npz", str(train_npz), "--test-npz",
+                   str(test_npz), "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["n_train"] == (~held).sum() and cfg["n_test"] == held.sum()
+    assert cfg["data_info"]["test_records"] == names[:1] and cfg["data_info"]["train_records"] == names[1:]
+    capsys.readouterr()
+    assert T.main(["--evaluate", str(out), "--test-npz", str(other_npz)]) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert other["data"]["test_npz"] == str(other_npz)
+    model = T.build_model(cfg)
+    model.load_state_dict(torch.load(out / "best.pt", weights_only=False)["model"])
+    ev = T.evaluate(model, qtdb.build_ecg(None, npz=train_npz, test_npz=other_npz)[1], cfg, torch.device("cpu"),
+                    torch.float32, 0, 1)
+    assert other["test_acc"] == ev["test_acc"]  # scored on the two sequences of other.npz
+    with pytest.raises(ValueError, match="holds sequences of training records"):
+        qtdb.build_ecg(None, npz=train_npz, test_npz=train_npz)

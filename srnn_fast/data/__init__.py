@@ -19,7 +19,7 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 # and the module docstrings of qtdb / mnist / shd say what they mean).
 OPTIONS = {
     "ecg": dict(seq_len=1301, threshold=0.3, test_fraction=0.2, val_fraction=0.0, context=0, npz=None, stride=None, records=None,
-                cache_dir=None, min_labelled=0.5, filter="none", augment=0),
+                cache_dir=None, min_labelled=0.5, filter="none", augment=0, test_npz=None),
     "smnist": dict(encoding="rbf", population=80, window=None, limit=None, val_fraction=0.0, gain=1.0),
     "psmnist": dict(encoding="rbf", population=80, window=None, limit=None, permutation_seed=0, val_fraction=0.0,
                     gain=1.0),

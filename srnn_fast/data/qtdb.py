@@ -126,6 +126,72 @@ def bandpass(signal: np.ndarray, fs: float) -> np.ndarray:
     return sps.filtfilt(b, a, signal - baseline, axis=0)
 
 
+def read_signal(stem, channels=None, what: Optional[str] = None):
+    """The physical signal float64 [n, N_LEADS] and sampling rate of the WFDB record at ``stem``
+    (its path without extension), read with ``wfdb``; ``channels``: the two channels to use
+    (indices or signal names; default: the record's, which must be two). Errors (DataError)
+    name the file: a missing header or signal file, an unreadable one, the wrong number of
+    leads, a signal file shorter than its header says. ``what`` names the record in them."""
+    import wfdb
+
+    stem = pathlib.Path(stem)
+    what = what or f"WFDB record {stem}"
+    hea = stem.with_name(stem.name + ".hea")
+    if not hea.is_file():
+        raise DataError(f"{what}: missing file {hea}; place the complete record (.hea and its signal file) there")
+    try:
+        header = wfdb.rdheader(str(stem))
+    except Exception as e:  # wfdb raises many types on damaged files
+        raise DataError(f"{what}: cannot read its header {hea} ({type(e).__name__}: {e})") from e
+    for f in sorted(set(header.file_name or [])):
+        if not (stem.parent / f).is_file():
+            raise DataError(f"{what}: missing file {stem.parent / f} (named by {hea}); place the complete "
+                            "record there")
+    channels = pick_channels(header, channels, f"{what}: {hea}")
+    try:
+        rec = wfdb.rdrecord(str(stem), channels=channels)
+    except Exception as e:
+        dat = ", ".join(str(stem.parent / f) for f in sorted(set(header.file_name or [])))
+        raise DataError(f"{what}: cannot read {hea} / {dat} ({type(e).__name__}: {e}); the files are probably "
+                        "truncated or corrupt: download the record again") from e
+    signal = rec.p_signal
+    if signal is None or signal.ndim != 2 or signal.shape[1] != N_LEADS:
+        shape = None if signal is None else signal.shape
+        raise DataError(f"{what}: expected {N_LEADS} leads in {stem}.dat; got signal shape {shape}")
+    if len(signal) != rec.sig_len:
+        raise DataError(f"{what}: {stem}.dat holds {len(signal)} samples, the header says "
+                        f"{rec.sig_len}; the file is truncated: download it again")
+    return signal, float(rec.fs)
+
+
+def pick_channels(header, channels=None, where: str = "the record") -> list:
+    """Indices of the N_LEADS signals ``channels`` (indices or names; default: all, which must
+    be N_LEADS) in a ``wfdb`` header; DataError naming ``where`` otherwise."""
+    names = list(header.sig_name or [])
+    if channels is None:
+        if header.n_sig != N_LEADS:
+            raise DataError(f"{where}: expected {N_LEADS} leads; it has {header.n_sig} ({names}); "
+                            f"choose {N_LEADS} of them (channels / --leads)")
+        return list(range(N_LEADS))
+    picked = [names.index(c) if c in names else c for c in channels]
+    bad = [c for c in picked if not (isinstance(c, int) and 0 <= c < header.n_sig)]
+    if len(picked) != N_LEADS or bad:
+        raise DataError(f"{where}: channels must name {N_LEADS} of its signals (an index in 0..{header.n_sig - 1} "
+                        f"or one of {names}); got {bad or list(channels)}")
+    return picked
+
+
+def normalise(signal: np.ndarray, fs: float, filter: str = "none") -> np.ndarray:
+    """A record's leads [n, leads] filtered (``filter``) and normalised as the module docstring
+    says, float64; invalid samples (NaN) are excluded from the statistics and set to 0."""
+    if filter == "bandpass":  # (NaNs would spread through the filters: they become the lead's mean first)
+        signal = bandpass(np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal), fs)
+    mean = np.nanmean(signal, axis=0)
+    std = np.nanstd(signal, axis=0)
+    std[~(std > 0)] = 1.0
+    return np.nan_to_num((signal - mean) / std, nan=0.0)
+
+
 def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0, filter: str = "none"):
     """One record: (filtered and normalised signal float64 [n, 2], labels int8 [n], fs)."""
     import wfdb
@@ -135,28 +201,14 @@ def load_record(qtdb_dir: pathlib.Path, name: str, max_tp_s: float = 1.0, filter
         if not stem.with_suffix("." + ext).is_file():
             raise DataError(f"QTDB record {name}: missing file {stem}.{ext}; place the complete "
                             "record (.hea, .dat, .q1c) there")
+    signal, fs = read_signal(stem, what=f"QTDB record {name}")
     try:
-        rec = wfdb.rdrecord(str(stem))
         ann = wfdb.rdann(str(stem), "q1c")
     except Exception as e:  # wfdb raises many types on damaged files
-        raise DataError(f"QTDB record {name}: cannot read {stem}.hea/.dat/.q1c ({type(e).__name__}: {e}); "
-                        "the files are probably truncated or corrupt: download the record again") from e
-    signal = rec.p_signal
-    if signal is None or signal.ndim != 2 or signal.shape[1] != N_LEADS:
-        shape = None if signal is None else signal.shape
-        raise DataError(f"QTDB record {name}: expected {N_LEADS} leads in {stem}.dat; got signal shape {shape}")
-    if len(signal) != rec.sig_len:
-        raise DataError(f"QTDB record {name}: {stem}.dat holds {len(signal)} samples, the header says "
-                        f"{rec.sig_len}; the file is truncated: download it again")
-    # Invalid samples read as NaN; they are excluded from the statistics and set to the mean.
-    if filter == "bandpass":  # (NaNs would spread through the filters: they become the lead's mean first)
-        signal = bandpass(np.where(np.isnan(signal), np.nanmean(signal, axis=0), signal), rec.fs)
-    mean = np.nanmean(signal, axis=0)
-    std = np.nanstd(signal, axis=0)
-    std[~(std > 0)] = 1.0
-    signal = np.nan_to_num((signal - mean) / std, nan=0.0)
-    labels = segment_labels(ann.sample, ann.symbol, len(signal), rec.fs, max_tp_s)
-    return signal, labels, rec.fs
+        raise DataError(f"QTDB record {name}: cannot read {stem}.q1c ({type(e).__name__}: {e}); "
+                        "the file is probably truncated or corrupt: download the record again") from e
+    labels = segment_labels(ann.sample, ann.symbol, len(signal), fs, max_tp_s)
+    return normalise(signal, fs, filter), labels, fs
 
 
 def window_starts(labels: np.ndarray, seq_len: int, stride: int, min_labelled: float) -> list:
@@ -286,8 +338,13 @@ def _cached_preprocess(qtdb_dir: pathlib.Path, names, settings: dict, cache_dir)
 def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, threshold: float = 0.3,
               test_fraction: float = 0.2, npz=None, stride: Optional[int] = None, records=None,
               cache_dir=None, min_labelled: float = 0.5, val_fraction: float = 0.0, context: int = 0,
-              filter: str = "none", augment: int = 0):
+              filter: str = "none", augment: int = 0, test_npz=None):
     """Train/test SequenceDatasets of (x float32 [T, 4], y int64 [T]) and an info dict.
+
+    ``test_npz``: a preprocessed ``.npz`` (the ``npz`` format) that is the test set, whole,
+    instead of a seeded ``test_fraction`` of the records: every record of ``npz`` (or of the
+    raw records) then trains (bring-your-own split). Its record names, where both files have
+    them, must not occur among the training records.
 
     ``augment`` = K > 0 adds K distorted copies of every training record to the training
     set (module docstring); validation and test sets are never augmented.
@@ -313,6 +370,7 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             raise ValueError("augment needs the raw QTDB records (it distorts the signal before encoding); "
                              "it does not apply with npz")
         arrays = load_npz(npz)
+        named = arrays["record"] is not None  # else the names below are indices, which say nothing
         if arrays["record"] is None:  # no grouping given: every sequence is its own group
             arrays["record"] = np.arange(len(arrays["x"])).astype(str)
         if seq_len is not None and seq_len != arrays["x"].shape[1]:
@@ -339,10 +397,19 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
         if filter != "none":
             settings["filter"] = filter
         arrays = _cached_preprocess(qtdb_dir, names, settings, cache_dir)
+        named = True
     x = torch.from_numpy(arrays["x"].astype(np.float32))
     y = torch.from_numpy(arrays["y"].astype(np.int64))
     record = arrays["record"]
-    test = split_by_group(record, test_fraction, seed)
+    if test_npz is None:
+        test = split_by_group(record, test_fraction, seed)
+    else:
+        held = load_npz(test_npz)
+        test = np.zeros(len(record), bool)
+        shared = sorted(set(held["record"].tolist()) & set(record.tolist())) if held["record"] is not None else []
+        if shared and named:
+            raise ValueError(f"test_npz {test_npz} holds sequences of training records ({', '.join(shared[:5])}"
+                             f"{', ...' if len(shared) > 5 else ''}); a test set must hold other records")
     val = np.zeros_like(test)
     if val_fraction > 0:
         val[~test] = split_by_group(record[~test], val_fraction, seed + 1)
@@ -359,8 +426,16 @@ def build_ecg(data_dir, *, seed: int = 0, seq_len: Optional[int] = None, thresho
             "class_names": list(CLASSES),
             "train_records": sorted(set(record[train].tolist())),
             "test_records": sorted(set(record[test].tolist()))}
+    if test_npz is not None:
+        test_record = held["record"] if held["record"] is not None else np.arange(len(held["x"])).astype(str)
+        info["test_records"] = sorted(set(test_record.tolist()))
     if val_fraction > 0:
         info["val_records"] = sorted(set(record[val].tolist()))
         info["val"] = SequenceDataset(x[torch.from_numpy(val)], y[torch.from_numpy(val)])
     train, test = torch.from_numpy(train), torch.from_numpy(test)
-    return SequenceDataset(x[train], y[train]), SequenceDataset(x[test], y[test]), info
+    if test_npz is not None:
+        test_ds = SequenceDataset(torch.from_numpy(held["x"].astype(np.float32)),
+                                  torch.from_numpy(held["y"].astype(np.int64)))
+    else:
+        test_ds = SequenceDataset(x[test], y[test])
+    return SequenceDataset(x[train], y[train]), test_ds, info
