@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from scan_cases import FLOAT32_TOL, check_float32, check_float64, fused, make_case, reference, rel_err, run
+from srnn_fast import cuda_resources
 from srnn_fast import reference as reference_module
 from srnn_fast import srnn_scan
 from srnn_fast.reference import srnn_scan_ref
@@ -293,6 +294,22 @@ def test_kernels_compile_for_sm90():
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("| sm_90 |") == len(list(compile_check.variants(quick=True))) == 4
+
+
+@needs_nvidia_compiler
+@pytest.mark.parametrize("arch,shared", [(90, 5000), (80, 6024)])
+def test_compile_check_counts_static_shared_memory(monkeypatch, arch, shared):
+    """Triton's dynamic shared memory plus the cubin's static shared memory, less the 1 KB
+    every sm_90 cubin shows (the driver's reservation, outside the opt-in limit)."""
+    from types import SimpleNamespace
+
+    compiled = SimpleNamespace(asm={"cubin": b""}, metadata=SimpleNamespace(shared=5000, num_warps=4, num_stages=1))
+    monkeypatch.setattr(compile_check, "compile_variant", lambda v, a: compiled)
+    monkeypatch.setattr(compile_check, "resource_usage",
+                        lambda path: [cuda_resources.Usage(0, "scan_fwd_kernel", 90, 16, 1024, 8)])
+    (variant, *_) = compile_check.variants(quick=True)
+    r = compile_check.measure(variant, arch)
+    assert (r.shared, r.regs, r.spill) == (shared, 90, 24)
 
 
 @needs_nvidia_compiler

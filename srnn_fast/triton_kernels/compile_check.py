@@ -116,6 +116,7 @@ def measure(v: Variant, arch: int) -> Result:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         (usage,) = resource_usage(path)
+    usage = usage._replace(arch=arch)  # a lone cubin's dump names no architecture
     md = compiled.metadata
     return Result(v, arch, md.num_warps, md.num_stages, md.shared + usage.user_shared, usage.regs,
                   usage.stack + usage.local, seconds)
