@@ -114,7 +114,8 @@ def test_several_rows_per_block(H, neuron):
     the batch, sets the rows per block (the planner's trimming loop)."""
     B = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 1
     if H == "smem":
-        H = next(h for h in range(256, 0, -1) if all(launch_plan(B, h, torch.float64, f)[0] >= 2 for f in (1, 0)))
+        H = next(h for h in range(256, 0, -1)
+                 if all(launch_plan(B, h, torch.float64, forward)[0] >= 2 for forward in (True, False)))
         assert launch_plan(B, H, torch.float64, True)[0] < 4  # fewer rows than the batch asks for
     for forward in (True, False):
         assert launch_plan(B, H, torch.float64, forward)[0] >= 2

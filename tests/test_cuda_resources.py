@@ -3,7 +3,6 @@ shared memory (CI tier 2 runs it on the nvcc build): its parsing and its verdict
 made-up cuobjdump output and launch plans, so that it is known to fail on a violation; and
 the extension's launch planner where the CUDA kernels are built (no GPU needed)."""
 import pytest
-import torch
 
 from srnn_fast import _ops
 from srnn_fast import cuda_resources as cr
