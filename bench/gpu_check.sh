@@ -2,9 +2,10 @@
 # One-shot check on a machine with a CUDA GPU and no internet, using the torch (and triton)
 # already installed there:
 #   1. builds srnn_fast._C with the CUDA kernels against that torch,
-#   2. runs the GPU tests (cuda and triton backends; they must not skip),
-#   3. runs bench/run.py on the task shapes on the GPU,
-#   4. runs the rest of the test suite,
+#   2. logs the CUDA kernels' registers, spills and shared memory (srnn_fast.cuda_resources),
+#   3. runs the GPU tests (cuda and triton backends; they must not skip),
+#   4. runs bench/run.py on the task shapes on the GPU,
+#   5. runs the rest of the test suite,
 # writing logs and JSON into OUTDIR, and prints a short table last. A failing step is
 # logged and the next one still runs; the exit status is non-zero if any step failed.
 # The whole script keeps to a time budget (GPU_CHECK_BUDGET_S, default 460 s); steps
@@ -65,6 +66,8 @@ import torch, srnn_fast, srnn_fast._C
 for op in ('scan_fwd', 'scan_bwd'):
     assert torch._C._dispatch_has_kernel_for_dispatch_key('srnn_fast::' + op, 'CUDA'), op + ' has no CUDA kernel'
 print('backends:', srnn_fast.available_backends())"
+
+run_step resources 60 $PY -m srnn_fast.cuda_resources
 
 # GPU tests first, in their own step, so that nothing else can starve or stop them.
 run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_triton.py -q -rs -p no:cacheprovider

@@ -9,7 +9,8 @@
 //    and the recurrent input is a sum over the W^T rows of the neurons that spiked;
 //    "relu" (and the first step, whose s_0 is user state and may be non-binary) takes the
 //    dense sum. Backward: dI_t is exchanged through shared memory and W^T dI_t is dense.
-//    On sm_90 (227 KB a block) that is H <= ~237 in float32, H <= ~168 in float64.
+//    On sm_90 (227 KB a block) that is H <= 240 in float32, H <= 169 in float64; on sm_80
+//    (163 KB) 203 and 143 (`python -m srnn_fast.cuda_resources` checks every H, no GPU).
 //  * stepwise (any H): per step one GEMM on the current stream (at::mm, which follows
 //    torch's matmul precision settings) for the recurrent term, plus one fused elementwise
 //    kernel for the neuron update.
@@ -386,14 +387,20 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 }
 
 struct DeviceInfo {
-  int max_smem;  // opt-in dynamic shared memory per block, bytes
+  int max_smem;  // dynamic shared memory one block of the kernel may request, bytes
   int sms;
 };
 
-DeviceInfo device_info(int device) {
+// The opt-in shared memory per block less the kernel's static shared memory: their sum may
+// not exceed the opt-in limit (cudaFuncSetAttribute fails otherwise).
+template <typename Kernel>
+DeviceInfo device_info(int device, Kernel kernel) {
   DeviceInfo info{};
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  info.max_smem -= static_cast<int>(attr.sharedSizeBytes);
   return info;
 }
 
@@ -440,7 +447,7 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alph
                 const Params<T>& p, bool save) {
   const int T_ = static_cast<int>(x.size(0)), B = static_cast<int>(x.size(1)), H = static_cast<int>(x.size(2));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const DeviceInfo info = device_info(x.get_device());
+  const DeviceInfo info = device_info(x.get_device(), fwd_persistent_kernel<T, X>);
   const int rows = persistent_rows(B, H, sizeof(T), kFwdThreads, info, fwd_smem_bytes);
   const X* xp = x.data_ptr<X>();
   int32_t* bp = save && p.binary ? bits.data_ptr<int32_t>() : nullptr;
@@ -525,7 +532,7 @@ void launch_bwd(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::
                 const Params<T>& p) {
   const int T_ = static_cast<int>(u_seq.size(0)), B = static_cast<int>(u_seq.size(1)), H = static_cast<int>(u_seq.size(2));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const DeviceInfo info = device_info(u_seq.get_device());
+  const DeviceInfo info = device_info(u_seq.get_device(), bwd_persistent_kernel<T>);
   const int rows = persistent_rows(B, H, sizeof(T), kBwdThreads, info, bwd_smem_bytes);
   const int32_t* bits = p.binary ? spikes.data_ptr<int32_t>() : nullptr;
   const T* vals = p.binary ? nullptr : spikes.data_ptr<T>();
@@ -616,8 +623,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }
 
+// The persistent kernels' launch plan without a GPU, for srnn_fast/cuda_resources.py: rows per
+// block, threads per block and dynamic shared memory (bytes) for B rows of H neurons in
+// float32 / float64, given the dynamic shared memory a block may request and the number of
+// multiprocessors. Rows 0: the stepwise path.
+std::tuple<int64_t, int64_t, int64_t> cuda_launch_plan(int64_t B, int64_t H, bool double_precision, bool forward,
+                                                       int64_t max_smem, int64_t sms) {
+  TORCH_CHECK(B >= 1 && H >= 1 && B <= std::numeric_limits<int>::max() && H <= std::numeric_limits<int>::max() / 32,
+              "srnn_fast: cuda_launch_plan needs 1 <= B, H < 2^31; got B = ", B, ", H = ", H);
+  TORCH_CHECK(max_smem >= 0 && max_smem <= std::numeric_limits<int>::max() && sms >= 1 &&
+                  sms <= std::numeric_limits<int>::max(),
+              "srnn_fast: cuda_launch_plan needs max_smem >= 0 and sms >= 1; got ", max_smem, ", ", sms);
+  const DeviceInfo info{static_cast<int>(max_smem), static_cast<int>(sms)};
+  const size_t elem = double_precision ? sizeof(double) : sizeof(float);
+  const int b = static_cast<int>(B), h = static_cast<int>(H);
+  const int rows = forward ? persistent_rows(b, h, elem, kFwdThreads, info, fwd_smem_bytes)
+                           : persistent_rows(b, h, elem, kBwdThreads, info, bwd_smem_bytes);
+  const size_t smem = rows == 0 ? 0 : forward ? fwd_smem_bytes(h, rows, elem) : bwd_smem_bytes(h, rows, elem);
+  return {rows, static_cast<int64_t>(rows) * round_up32(h), static_cast<int64_t>(smem)};
+}
+
 }  // namespace
 }  // namespace srnn
+
+// Only in CUDA builds: the schema lives with its one implementation (no tensors, so it runs
+// on any machine, GPU or not).
+TORCH_LIBRARY_FRAGMENT(srnn_fast, m) {
+  m.def("cuda_launch_plan(int B, int H, bool double_precision, bool forward, int max_smem, int sms) -> (int, int, int)",
+        &srnn::cuda_launch_plan);
+}
 
 TORCH_LIBRARY_IMPL(srnn_fast, CUDA, m) {
   m.impl("scan_fwd", &srnn::scan_fwd_cuda);

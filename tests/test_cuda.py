@@ -3,10 +3,12 @@
 Skips without a GPU. Set SRNN_FAST_REQUIRE_CUDA=1 (bench/gpu_check.sh does) to fail instead
 of skipping when a GPU is present but the extension was built without its CUDA kernels.
 
-Paths: the persistent kernels hold W_rec in one block's shared memory (float64: H <= ~168,
-float32: H <= ~237 on a 227 KB sm_90 block); larger H takes the stepwise path (GEMM per step
-plus a fused neuron kernel). The batch is split into tiles of ceil(B / #SMs) rows, so a
-batch of several hundred rows spreads over ~100 blocks and exercises the cross-block sums.
+Paths: the persistent kernels hold W_rec in one block's shared memory (sm_90: float64
+H <= 169, float32 H <= 240; sm_80: 143 and 203; `python -m srnn_fast.cuda_resources`);
+larger H takes the stepwise path (GEMM per step plus a fused neuron kernel). The batch is
+split into tiles of ceil(B / #SMs) rows, so a batch of several hundred rows spreads over
+~100 blocks and exercises the cross-block sums. Tests that need one path ask the launcher's
+planner (srnn_fast::cuda_launch_plan) that they get it.
 """
 import os
 
@@ -42,6 +44,16 @@ def cuda_backend():
         if os.environ.get("SRNN_FAST_REQUIRE_CUDA") == "1":
             pytest.fail(f"a GPU is present but the cuda backend is not: {e}")
         pytest.skip(f"cuda backend not built: {e}")
+
+
+def launch_plan(B, H, dtype, forward=True):
+    """(rows per block, threads, dynamic shared bytes) the launcher picks on this GPU for a
+    persistent kernel; rows 0: the stepwise path. The kernels' static shared memory (none
+    besides sm_90's 1 KB reservation) is left out here."""
+    props = torch.cuda.get_device_properties(0)
+    return tuple(torch.ops.srnn_fast.cuda_launch_plan(B, H, dtype == torch.float64, forward,
+                                                      props.shared_memory_per_block_optin,
+                                                      props.multi_processor_count))
 
 
 def to_cuda(d):
@@ -93,6 +105,24 @@ def test_many_blocks_deterministic(H):
         assert torch.equal(got[k], again[k]), f"{k} differs between two identical runs"
 
 
+@pytest.mark.parametrize("neuron", ["adaptive", "relu"])
+@pytest.mark.parametrize("H", [37, 100, "smem"])
+def test_several_rows_per_block(H, neuron):
+    """B = 3 #SMs + 1: each block of the persistent kernels takes several batch rows; the
+    spike words (binary) or values (relu) of each row live in their own slice of shared
+    memory. "smem": the largest float64 H that still gets 2 rows, where shared memory, not
+    the batch, sets the rows per block (the planner's trimming loop)."""
+    B = 3 * torch.cuda.get_device_properties(0).multi_processor_count + 1
+    if H == "smem":
+        H = next(h for h in range(256, 0, -1)
+                 if all(launch_plan(B, h, torch.float64, forward)[0] >= 2 for forward in (True, False)))
+        assert launch_plan(B, H, torch.float64, True)[0] < 4  # fewer rows than the batch asks for
+    for forward in (True, False):
+        assert launch_plan(B, H, torch.float64, forward)[0] >= 2
+    got, ref = run_pair(5, B, H, seed=11, neuron=neuron)
+    check_float64(got, ref)
+
+
 FP32_CASES = [(200, 8, 64), (300, 16, 36), (60, 4, LARGE_H[torch.float32])]
 
 
@@ -102,11 +132,14 @@ def test_float32_tolerances(T, B, H):
     check_float32(got, ref)
 
 
+@pytest.mark.parametrize("H", [48, LARGE_H[torch.float32]], ids=["persistent", "stepwise"])
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16])
-def test_low_precision_x_proj(xdtype):
-    """bf16/fp16 x_proj with float32 state: against the float64 reference on the same
-    (rounded) inputs."""
-    inputs, upstream = make_case(40, 6, 48, torch.float64, "cpu", seed=6)
+def test_low_precision_x_proj(xdtype, H):
+    """bf16/fp16 x_proj with float32 state, on both paths (each has its own bf16/fp16
+    kernels): against the float64 reference on the same (rounded) inputs."""
+    for forward in (True, False):
+        assert (launch_plan(6, H, torch.float32, forward)[0] == 0) == (H == LARGE_H[torch.float32])
+    inputs, upstream = make_case(40, 6, H, torch.float64, "cpu", seed=6)
     inputs["x_proj"] = inputs["x_proj"].to(xdtype).double()
     ref = reference(inputs, upstream)
     x = {k: v.float() for k, v in inputs.items()}
@@ -192,7 +225,7 @@ def test_bad_input_raises_clear_errors():
         srnn_fast.srnn_scan(a[0], a[1].cpu(), a[2], a[3], backend="cuda")
     b = bwd_args()
     b[10] = b[10].float()  # spike bits must be int32
-    with pytest.raises(RuntimeError, match=r"spikes must have dtype Int"):
+    with pytest.raises(RuntimeError, match=r"spikes \(spike bits\) must have dtype Int"):
         torch.ops.srnn_fast.scan_bwd(*b)
     b = bwd_args()
     b[12] = 5

@@ -152,35 +152,37 @@ def scan_bwd_kernel(gs_ptr, guT_ptr, getaT_ptr,  # [T, B, H], [B, H], [B, H] con
     # W [BLOCK_H, BLOCK_H]: dL/ds_{t-1} gets dI_t @ W.
     w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_ok[:, None] & col_ok[None, :], other=0.0)
     alpha, rho, b0, beta, dt, r_m, in_gain, one_m_rho = _load_decay(alpha_ptr, rho_ptr, prm_ptr, cols, col_ok)
-    u0 = tl.load(u0_ptr + bh, mask=mask, other=0.0)
-    eta0 = tl.load(eta0_ptr + bh, mask=mask, other=0.0)
-    s0 = tl.load(s0_ptr + bh, mask=mask, other=0.0)
 
     # Phase 1: eta_t forward, exactly as the forward kernel rounds it.
-    eta = eta0
-    s_prev = s0
+    eta = tl.load(eta0_ptr + bh, mask=mask, other=0.0)
+    s_prev = tl.load(s0_ptr + bh, mask=mask, other=0.0)
     for t in range(T):
         eta = rho * eta + one_m_rho * s_prev
         tl.store(eta_ptr + tl.cast(t, tl.int64) * BH + bh, eta, mask=mask)
         s_prev = _load_spikes(spk_ptr, t, rows, cols, mask, B, H, NW, BINARY, dtype)
     tl.debug_barrier()  # phase 2 reads what other threads of this program stored
 
-    # Phase 2: t = T..1 (array index k = t - 1), carrying dL/du, dL/deta and dL/ds.
+    # Phase 2: t = T..1 (array index k = t - 1), carrying dL/du, dL/deta and dL/ds, and the
+    # forward's u_t and eta_t: step t's u_{t-1} is step t-1's u_t, so each is loaded once.
     du = tl.load(guT_ptr + bh, mask=mask, other=0.0)
     deta = tl.load(getaT_ptr + bh, mask=mask, other=0.0)
     ds = tl.zeros([BLOCK_B, BLOCK_H], dtype=dtype)
     acc_alpha = tl.zeros([BLOCK_B, BLOCK_H], dtype=dtype)
     acc_rho = tl.zeros([BLOCK_B, BLOCK_H], dtype=dtype)
+    last = tl.cast(T - 1, tl.int64) * BH + bh
+    u = tl.load(useq_ptr + last, mask=mask, other=0.0)
+    eta = tl.load(eta_ptr + last, mask=mask, other=0.0)
     for i in range(T):
         k = T - 1 - i
         k64 = tl.cast(k, tl.int64)
-        first = k == 0
-        km1 = tl.maximum(k - 1, 0)  # index of step t-1; unused (replaced by the state) at k = 0
-        u = tl.load(useq_ptr + k64 * BH + bh, mask=mask, other=0.0)
-        eta = tl.load(eta_ptr + k64 * BH + bh, mask=mask, other=0.0)
-        u_prev = tl.where(first, u0, tl.load(useq_ptr + tl.cast(km1, tl.int64) * BH + bh, mask=mask, other=0.0))
-        eta_prev = tl.where(first, eta0, tl.load(eta_ptr + tl.cast(km1, tl.int64) * BH + bh, mask=mask, other=0.0))
-        s_prev = tl.where(first, s0, _load_spikes(spk_ptr, km1, rows, cols, mask, B, H, NW, BINARY, dtype))
+        if k > 0:  # u, eta, s at step t-1 from the saved sequence; at t = 1 the initial state
+            u_prev = tl.load(useq_ptr + (k64 - 1) * BH + bh, mask=mask, other=0.0)
+            eta_prev = tl.load(eta_ptr + (k64 - 1) * BH + bh, mask=mask, other=0.0)
+            s_prev = _load_spikes(spk_ptr, k - 1, rows, cols, mask, B, H, NW, BINARY, dtype)
+        else:
+            u_prev = tl.load(u0_ptr + bh, mask=mask, other=0.0)
+            eta_prev = tl.load(eta0_ptr + bh, mask=mask, other=0.0)
+            s_prev = tl.load(s0_ptr + bh, mask=mask, other=0.0)
         g_s = tl.load(gs_ptr + k64 * BH + bh, mask=mask, other=0.0) + ds
 
         theta = b0 + beta * eta
@@ -196,6 +198,8 @@ def scan_bwd_kernel(gs_ptr, guT_ptr, getaT_ptr,  # [T, B, H], [B, H], [B, H] con
         acc_rho += tl.where(mask, deta_t * (eta_prev - s_prev), 0)
         du = alpha * du_t
         deta = rho * deta_t
+        u = u_prev
+        eta = eta_prev
         ds = ds_prev + tl.dot(tl.where(mask, d_current, 0), w, input_precision=DOT_PRECISION)
 
     tl.store(gu0_ptr + bh, du, mask=mask)

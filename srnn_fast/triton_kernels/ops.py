@@ -11,14 +11,17 @@ from typing import Tuple
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .kernels import scan_bwd_kernel, scan_fwd_kernel
 
-# Each program holds W_rec (W_rec^T in forward) on chip for all T steps: a [BLOCK_H, BLOCK_H]
-# tile, BLOCK_H the next power of two >= H, staged in shared memory and read into registers
-# as dot operands every step. Past 256 those operands no longer fit the register file
-# (ptxas for sm_90 already spills 150-250 bytes per thread in float32 at 256).
-MAX_H = 256
+# Each program holds W_rec (forward: W_rec^T) on chip for all T steps as one
+# [BLOCK_H, BLOCK_H] dot operand, BLOCK_H the next power of two >= H, staged in shared
+# memory. The largest BLOCK_H per state dtype whose kernels fit an sm_80 and an sm_90 block
+# without register spills, as compiled by compile_check (table in bench/RESULTS.md): at 256,
+# W alone is 256 KB in float32, over any GPU's per-block shared memory (sm_90: 227 KB); in
+# float64 at 128 both kernels spill registers whatever the warps.
+MAX_H = {torch.float32: 128, torch.float64: 64}
 BLOCK_B = 16  # batch rows per program; tl.dot needs tiles of at least 16 on GPUs
 # Test hook: fill every output and scratch buffer with NaN (int32: -1) before the kernels
 # run, so an element a kernel fails to write shows up.
@@ -31,12 +34,33 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _block_h(H: int) -> int:
-    if H > MAX_H:
-        raise ValueError(f"the triton backend supports H <= {MAX_H} (W_rec is kept in registers); got H = {H}. "
-                         "Use backend='cuda' or 'cpp' for larger layers.")
+_LARGER_LAYERS = "Use backend='cuda' (or 'cpp' on the CPU) for larger layers."
+
+
+def _block_h(H: int, dtype: torch.dtype) -> int:
+    if dtype not in MAX_H:
+        raise ValueError(f"the triton backend needs float32 or float64 w_rec; got {dtype}")
+    if H > MAX_H[dtype]:
+        raise ValueError(f"the triton backend supports H <= {MAX_H[dtype]} for {dtype} w_rec (each program holds "
+                         f"W_rec in shared memory and registers); got H = {H}. {_LARGER_LAYERS}")
     # >= 32: the spike bit packing groups 32 neurons per word (and tl.dot needs >= 16).
     return max(32, triton.next_power_of_2(H))
+
+
+def block_sizes(dtype: torch.dtype) -> list:
+    """Every BLOCK_H the launchers can use for this state dtype."""
+    return sorted({_block_h(H, dtype) for H in range(1, MAX_H[dtype] + 1)})
+
+
+def _launch(kernel, grid, H: int, dtype: torch.dtype, *args, **kwargs) -> None:
+    """kernel[grid](...), with a GPU that cannot hold the compiled kernel (less shared memory
+    per block than sm_80, e.g. sm_86/sm_89 with 99 KB) reported like the H limit: triton
+    raises OutOfResources before anything runs."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except OutOfResources as e:
+        raise ValueError(f"the triton backend cannot run H = {H} with {dtype} w_rec on this GPU: its kernel needs "
+                         f"{e.required} ({e.name}), the GPU allows {e.limit} per block. {_LARGER_LAYERS}") from e
 
 
 def _device_guard(t: Tensor):
@@ -48,17 +72,26 @@ def _device_guard(t: Tensor):
     return contextlib.nullcontext()
 
 
-COMPILE_OPTIONS = ("num_warps", "enable_fp_fusion")  # the rest of _launch_options are constexprs
+COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")  # the rest of _launch_options are constexprs
+# Warps by kernel, state dtype and BLOCK_H: every variant spill-free on sm_80 and sm_90
+# with triton 3.8 and 3.9 (compile_check). More warps share each step's dot product, fewer
+# leave each thread more registers: the backward spills at 16 warps in float64 (BLOCK_H 64,
+# the multi-Gaussian surrogate) and with triton 3.9 in float32 (BLOCK_H 128).
+NUM_WARPS = {
+    ("scan_fwd_kernel", torch.float32): {32: 4, 64: 8, 128: 16},
+    ("scan_fwd_kernel", torch.float64): {32: 8, 64: 16},
+    ("scan_bwd_kernel", torch.float32): {32: 4, 64: 8, 128: 8},
+    ("scan_bwd_kernel", torch.float64): {32: 4, 64: 8},
+}
 
 
-def _launch_options(dtype: torch.dtype, block_h: int) -> dict:
-    # Warps so that W's dot-operand fragments fit the registers: per ptxas for sm_90, no
-    # spills up to H = 128 in float32 (a few hundred bytes at 256, and in float64 backward).
-    per_warp = 4 if dtype == torch.float64 else 8  # columns of W per warp
-    num_warps = min(16, max(4, block_h // per_warp))
+def _launch_options(kernel: str, dtype: torch.dtype, block_h: int) -> dict:
+    # num_stages=1, no software pipelining: each step's dot waits on the previous step's, and
+    # the prefetch buffers of the per-step loads cost shared memory (float64 backward at
+    # BLOCK_H 128: 96 KB more, over the sm_90 limit) and registers (spills in the backward).
     # No FMA contraction and IEEE fp32 dot products: the kernels round like the reference.
-    return dict(num_warps=num_warps, enable_fp_fusion=False, DOT_PRECISION="ieee", BLOCK_B=BLOCK_B,
-                BLOCK_H=block_h)
+    return dict(num_warps=NUM_WARPS[kernel, dtype][block_h], num_stages=1, enable_fp_fusion=False,
+                DOT_PRECISION="ieee", BLOCK_B=BLOCK_B, BLOCK_H=block_h)
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,19 +114,19 @@ def scan_fwd(x_proj: Tensor, w_rec: Tensor, alpha: Tensor, rho: Tensor, u0: Tens
              binary: bool, b0: float, beta: float, dt: float, r_m: float,
              save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, H = x_proj.shape
-    block_h = _block_h(H)
     dtype, dev = w_rec.dtype, x_proj.device
+    block_h = _block_h(H, dtype)
     nw = (H + 31) // 32
     s = _new((T, B, H), dtype, dev)
     u_T, eta_T = _new((B, H), dtype, dev), _new((B, H), dtype, dev)
     u_seq = _new((T, B, H) if save else (0,), dtype, dev)
     spk_bits = _new((T, B, nw) if save and binary else (0,), torch.int32, dev)
     with _device_guard(x_proj):
-        scan_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
-            x_proj, *x_proj.stride(), w_rec.contiguous(), alpha.contiguous(), rho.contiguous(),
-            u0.contiguous(), eta0.contiguous(), s0.contiguous(), _params(dtype, dev, b0, beta, dt, r_m),
-            s, u_T, eta_T, u_seq, spk_bits, T, B, H, nw,
-            BINARY=binary, SAVE=save, **_launch_options(dtype, block_h))
+        _launch(scan_fwd_kernel, (triton.cdiv(B, BLOCK_B),), H, dtype,
+                x_proj, *x_proj.stride(), w_rec.contiguous(), alpha.contiguous(), rho.contiguous(),
+                u0.contiguous(), eta0.contiguous(), s0.contiguous(), _params(dtype, dev, b0, beta, dt, r_m),
+                s, u_T, eta_T, u_seq, spk_bits, T, B, H, nw,
+                BINARY=binary, SAVE=save, **_launch_options("scan_fwd_kernel", dtype, block_h))
     return s, u_T, eta_T, u_seq, spk_bits
 
 
@@ -111,20 +144,20 @@ def scan_bwd(grad_s: Tensor, grad_u_T: Tensor, grad_eta_T: Tensor, w_rec: Tensor
              b0: float, beta: float, dt: float, r_m: float, sigma: float,
              gamma: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, H = u_seq.shape
-    block_h = _block_h(H)
     dtype, dev = w_rec.dtype, u_seq.device
+    block_h = _block_h(H, dtype)
     programs = triton.cdiv(B, BLOCK_B)
     eta_scratch = _new((T, B, H), dtype, dev)
     grad_x = _new((T, B, H), dtype, dev)
     part_alpha, part_rho = _new((programs, H), dtype, dev), _new((programs, H), dtype, dev)
     grad_u0, grad_eta0, grad_s0 = (_new((B, H), dtype, dev) for _ in range(3))
     with _device_guard(u_seq):
-        scan_bwd_kernel[(programs,)](
-            grad_s.contiguous(), grad_u_T.contiguous(), grad_eta_T.contiguous(), w_rec.contiguous(),
-            alpha.contiguous(), rho.contiguous(), u0.contiguous(), eta0.contiguous(), s0.contiguous(),
-            u_seq.contiguous(), spikes.contiguous(), _params(dtype, dev, b0, beta, dt, r_m, sigma, gamma),
-            eta_scratch, grad_x, part_alpha, part_rho, grad_u0, grad_eta0, grad_s0, T, B, H, (H + 31) // 32,
-            BINARY=binary, SURROGATE=surrogate, **_launch_options(dtype, block_h))
+        _launch(scan_bwd_kernel, (programs,), H, dtype,
+                grad_s.contiguous(), grad_u_T.contiguous(), grad_eta_T.contiguous(), w_rec.contiguous(),
+                alpha.contiguous(), rho.contiguous(), u0.contiguous(), eta0.contiguous(), s0.contiguous(),
+                u_seq.contiguous(), spikes.contiguous(), _params(dtype, dev, b0, beta, dt, r_m, sigma, gamma),
+                eta_scratch, grad_x, part_alpha, part_rho, grad_u0, grad_eta0, grad_s0, T, B, H, (H + 31) // 32,
+                BINARY=binary, SURROGATE=surrogate, **_launch_options("scan_bwd_kernel", dtype, block_h))
     # Partial sums per program, reduced here: deterministic for any number of programs.
     grad_alpha = part_alpha.sum(0) / (1 - alpha)
     return grad_x, grad_alpha, part_rho.sum(0), grad_u0, grad_eta0, grad_s0
