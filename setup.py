@@ -36,7 +36,15 @@ if cpp_sources:
         root = nvcc_toolkit_root()  # before torch.utils.cpp_extension reads CUDA_HOME
         if root:
             os.environ["CUDA_HOME"] = root
-    import torch
+    try:
+        import torch
+    except ImportError:  # pip's isolated build environment: torch is deliberately not a build requirement
+        raise SystemExit(
+            "srnn_fast compiles its kernels against the torch you have installed, and this build "
+            "environment has no torch (pip builds in an isolated environment unless told not to). "
+            "Install torch first, then build without isolation:\n"
+            "    pip install torch\n"
+            "    pip install -e . --no-build-isolation") from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     mode = os.environ.get("SRNN_FAST_BUILD_CUDA", "auto")
@@ -49,7 +57,7 @@ if cpp_sources:
         raise SystemExit("SRNN_FAST_BUILD_CUDA=1 needs a CUDA build of torch and nvcc on the PATH")
     # No FMA contraction: the kernels round like the reference's separate ops. No -std:
     # torch's build adds the standard its headers need (C++20 from torch 2.14 on).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
     # -fopenmp in compile and link flags, or at::parallel_for runs on one thread.
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=False)
     if build_cuda:

@@ -13,19 +13,31 @@ every contender alike).
 "peak" is torch.cuda.max_memory_allocated during fwd+bwd on CUDA; on the CPU it is not
 measured (torch's CPU allocator has no peak counter) and "saved" stands for it.
 
-torch.compile runs in a child process with a time limit (--compile-timeout), two ways:
-"compiled_reference" compiles the whole reference stack (Dynamo unrolls all T steps, which
-takes longer than the limit at the task shapes), "compiled_step" compiles the reference's
-per-step update (srnn_fast.reference.reference_step) and loops over it in Python. A compile
-that fails or runs out of time is recorded as such instead of stopping the benchmark.
+CPU builds: the "cpp" backend's kernels exist per instruction set (avx512, avx2, default;
+srnn_fast.cpu_capability()). The report names the CPU model and the build that ran;
+--cpu-capability runs another build, or several ("all": every build this CPU runs, each as
+its own contender "cpp-<build>", against the same peers in the same run).
 
-    python bench/run.py                      # all shapes, every contender, on GPU if present
+--scan times the srnn_scan op alone (x_proj given: the recurrence of the first hidden layer,
+what direct callers and the membrane readout run) against the reference scan.
+
+With --compile, torch.compile runs in a child process with a time limit (--compile-timeout),
+two ways: "compiled_reference" compiles the whole reference stack (Dynamo unrolls all T steps,
+which takes longer than the limit at the task shapes), "compiled_step" compiles the
+reference's per-step update (srnn_fast.reference.reference_step) and loops over it in
+Python. A compile that fails or runs out of time is recorded as such. Without --compile they
+are listed as not run: they take minutes on a 2-core CPU.
+
+    python bench/run.py                      # all shapes, the usual contenders, on GPU if present
     python bench/run.py --quick              # tiny shapes and repeats, seconds (CI)
+    python bench/run.py --cpu-capability all --backends cpp,reference --threads 2
+    python bench/run.py --scan --cpu-capability all
     python bench/run.py --shapes ecg --backends cpp,reference --out /tmp/b
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -68,6 +80,19 @@ def fused_backends(device: torch.device) -> list:
             continue
         out.append(name)
     return out
+
+
+class ScanOnly(nn.Module):
+    """srnn_scan alone on a given x_proj: the recurrent part of one SRNN layer."""
+
+    def __init__(self, hidden: int, backend: str):
+        super().__init__()
+        layer = srnn_fast.SRNNLayer(1, hidden, init_state="zeros")  # its w_rec, tau_m, tau_adp
+        self.w_rec, self.tau_m, self.tau_adp = layer.w_rec, layer.tau_m, layer.tau_adp
+        self.backend = backend
+
+    def forward(self, x_proj):
+        return srnn_fast.srnn_scan(x_proj, self.w_rec, self.tau_m, self.tau_adp, backend=self.backend)[0]
 
 
 class SRNNStack(nn.Module):
@@ -170,8 +195,17 @@ class RNNStack(nn.Module):
         return x
 
 
-def build(contender: str, sizes, device) -> nn.Module:
+def split_capability(contender: str):
+    """"cpp-avx2" -> ("cpp", "avx2"); anything else -> (contender, None)."""
+    name, _, cap = contender.partition("-")
+    return (name, cap) if name == "cpp" and cap else (contender, None)
+
+
+def build(contender: str, sizes, device, scan: bool = False) -> nn.Module:
     torch.manual_seed(0)  # the same parameters for every SRNN contender
+    contender = split_capability(contender)[0]
+    if scan:
+        return ScanOnly(sizes[1], contender).to(device)
     if contender in BASELINES:
         model = RNNStack(BASELINES[contender], sizes)
     elif contender in LIBRARY_PEERS:
@@ -186,9 +220,11 @@ def build(contender: str, sizes, device) -> nn.Module:
     return model
 
 
-def make_input(shape: dict, device) -> torch.Tensor:
+def make_input(shape: dict, device, scan: bool = False) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     T, B, I = shape["T"], shape["B"], shape["sizes"][0]
+    if scan:  # x_proj of the first hidden layer: an input current that makes it fire moderately
+        return (0.5 * torch.randn(T, B, shape["sizes"][1], generator=g) + 0.2).to(device)
     if shape["input"] == "spikes":  # event data: sparse binary frames
         x = (torch.rand(T, B, I, generator=g) < 0.05).float()
     else:  # analog pixels through a population code: dense values in [0, 1]
@@ -197,10 +233,32 @@ def make_input(shape: dict, device) -> torch.Tensor:
     return (x * (3.0 if shape["input"] == "spikes" else 1.5)).to(device)
 
 
-def measure(contender: str, shape: dict, device, repeats: int, warmup: int) -> dict:
-    model = build(contender, shape["sizes"], device)
-    x = make_input(shape, device)
-    out_shape = (shape["T"], shape["B"], shape["sizes"][-1])
+@contextlib.contextmanager
+def capability_of(contender: str):
+    """Runs the CPU build a "cpp-<build>" contender names, inside the block."""
+    cap = split_capability(contender)[1]
+    if cap is None:
+        yield
+        return
+    from srnn_fast import _C
+
+    previous = _C.cpu_capability()
+    _C.set_cpu_capability(cap)
+    try:
+        yield
+    finally:
+        _C.set_cpu_capability(previous)
+
+
+def measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool = False) -> dict:
+    with capability_of(contender):
+        return _measure(contender, shape, device, repeats, warmup, scan)
+
+
+def _measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool) -> dict:
+    model = build(contender, shape["sizes"], device, scan)
+    x = make_input(shape, device, scan)
+    out_shape = (shape["T"], shape["B"], shape["sizes"][1 if scan else -1])
     grad = torch.randn(out_shape, generator=torch.Generator().manual_seed(2)).to(device)
 
     def fwd():
@@ -241,10 +299,11 @@ def validate(backend: str, device) -> str:
             5 + 25 * torch.rand(H, generator=g, dtype=torch.float64),
             40 + 160 * torch.rand(H, generator=g, dtype=torch.float64)]
     results = []
-    for kw in ({"backend": backend}, {"backend": "reference"}):
+    for kw in ({"backend": split_capability(backend)[0]}, {"backend": "reference"}):
         leaves = [a.to(device).requires_grad_(True) for a in args]
-        s, (u, eta, _) = srnn_fast.srnn_scan(*leaves, **kw)
-        grads = torch.autograd.grad((s * torch.arange(H, device=device)).sum() + u.sum() + eta.sum(), leaves)
+        with capability_of(backend):
+            s, (u, eta, _) = srnn_fast.srnn_scan(*leaves, **kw)
+            grads = torch.autograd.grad((s * torch.arange(H, device=device)).sum() + u.sum() + eta.sum(), leaves)
         results.append(tuple(t.detach() for t in (s, u, eta, *grads)))
     if not torch.equal(results[0][0], results[1][0]):
         return "spikes differ from the reference"
@@ -286,8 +345,11 @@ def fmt_ratio(v) -> str:
 
 def markdown(report: dict) -> str:
     m = report["meta"]
+    caps = ", ".join(dict.fromkeys(c for c in m.get("cpu_capabilities_run", []) if c))
+    cpu = (f" CPU model {m['cpu_model']}, AVX-512 {'yes' if m.get('cpu_avx512') else 'no'}; cpp build(s): "
+           f"{caps or '-'}." if m["device"] == "cpu" else "")
     lines = [f"Device: {m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
-             f"float32, {m['date']}. Command: `{m['command']}`", "",
+             f"float32, {m['date']}, {m.get('what', 'layer stacks')}.{cpu} Command: `{m['command']}`", "",
              "| shape | contender | fwd ms | fwd+bwd ms | saved MB | peak MB | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for shape, rows in report["results"].items():
@@ -327,10 +389,16 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--backends", default=None,
                    help="comma list of contenders (fused backends, " + ", ".join(PEERS) + "); default all")
-    p.add_argument("--quick", action="store_true", help=f"tiny shapes (T {QUICK['T']}, B {QUICK['B']}), 2 repeats, "
-                                                        "no torch.compile unless named in --backends")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 7, quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2, quick 1)")
+    p.add_argument("--quick", action="store_true", help=f"tiny shapes (T {QUICK['T']}, B {QUICK['B']}), 2 repeats")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the torch.compile contenders (minutes per shape; else only where named in --backends)")
+    p.add_argument("--scan", action="store_true", help="time the srnn_scan op alone (x_proj given) instead of the "
+                                                       "layer stacks: fused backends against the reference scan")
+    p.add_argument("--cpu-capability", default=None,
+                   help="build(s) of the CPU kernels for the cpp backend: avx512, avx2, default, a comma list, or all "
+                        "(default: the one srnn_fast.cpu_capability() picks)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5, quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile-timeout", type=float, default=240.0,
                    help="seconds allowed for torch.compile of the reference per shape (default 240)")
@@ -338,8 +406,8 @@ def parse_args(argv=None):
                    help="folder for results.json and results.md (default bench/out)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (2 if args.quick else 7)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else 1
     return args
 
 
@@ -358,10 +426,13 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.child, shape, device, args.repeats, args.warmup)))
         return 0
 
-    fused = fused_backends(device)
-    contenders = fused + list(PEERS) + [p for p, (module, _) in LIBRARY_PEERS.items() if _importable(module)]
+    fused = expand_capabilities(fused_backends(device), args.cpu_capability)
+    peers = ["reference"] if args.scan else (
+        list(PEERS) + [p for p, (module, _) in LIBRARY_PEERS.items() if _importable(module)])
+    contenders = fused + peers
     if args.backends:
         wanted = args.backends.split(",")
+        wanted = [c for w in wanted for c in ([f for f in fused if f.startswith("cpp")] if w == "cpp" else [w])]
         unknown = [w for w in wanted if w not in contenders and w not in ("cpp", "cuda", "triton")]
         if unknown:
             raise SystemExit(f"--backends: unknown {unknown}; choose from {', '.join(contenders)}")
@@ -372,6 +443,7 @@ def main(argv=None) -> int:
     asked = args.backends.split(",") if args.backends else []
 
     invalid = {f: validate(f, device) for f in fused if f in contenders}
+    cpu_build = _active_capability()
     for f, why in invalid.items():
         if why:
             print(f"WARNING: backend {f} fails its correctness check ({why}); its times are not compared",
@@ -382,14 +454,14 @@ def main(argv=None) -> int:
     tasks = [(s, c) for s in shapes for c in contenders]
     results = {s: {} for s in shapes}
     for shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
-        if c in COMPILED and args.quick and c not in asked:
-            results[shape_name][c] = {"note": "skipped under --quick (name it in --backends to run it)"}
+        if c in COMPILED and not args.compile and c not in asked:
+            results[shape_name][c] = {"note": "not run: pass --compile (torch.compile takes minutes here)"}
             continue
         if c in COMPILED:
             results[shape_name][c] = run_child(args, c, shape_name)
         else:
             try:
-                results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup)
+                results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup, args.scan)
             except Exception as e:  # record and go on: one failing contender must not lose the rest
                 results[shape_name][c] = {"error": f"{type(e).__name__}: {e}"}
         if invalid.get(c):
@@ -403,7 +475,10 @@ def main(argv=None) -> int:
                  "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc)
                  .strftime("%Y-%m-%d %H:%M UTC"), "command": "python bench/run.py " + " ".join(sys.argv[1:]),
                  "python": platform.python_version(), "quick": args.quick, "repeats": args.repeats,
-                 "warmup": args.warmup, "shapes": shapes},
+                 "warmup": args.warmup, "shapes": shapes, "what": "srnn_scan op" if args.scan else "layer stacks",
+                 "cpu_model": _cpu_name(), "cpu_avx512": "avx512f" in _cpu_flags(), "cpu_avx2": "avx2" in _cpu_flags(),
+                 "cpu_capability": cpu_build,
+                 "cpu_capabilities_run": [split_capability(f)[1] or cpu_build for f in fused if f.startswith("cpp")]},
         "results": results,
         "ratios": ratios(results, valid_fused),
     }
@@ -416,6 +491,39 @@ def main(argv=None) -> int:
     print(md)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
+
+
+def expand_capabilities(fused: list, wanted) -> list:
+    """The cpp backend once per CPU build asked for ("cpp-<build>" when more than one, or
+    another than the active one); other fused backends as they are."""
+    if "cpp" not in fused or not wanted:
+        return fused
+    from srnn_fast import _C
+
+    supported = _C.supported_cpu_capabilities()
+    caps = supported if wanted == "all" else wanted.split(",")
+    bad = [c for c in caps if c not in supported]
+    if bad:
+        raise SystemExit(f"--cpu-capability: {', '.join(bad)} not among the builds this CPU runs "
+                         f"({', '.join(supported)})")
+    if caps == [_active_capability()]:
+        return fused
+    return [n for f in fused for n in ([f"cpp-{c}" for c in caps] if f == "cpp" else [f])]
+
+
+def _active_capability():
+    try:
+        return srnn_fast.cpu_capability()
+    except Exception:  # not built: no CPU build runs
+        return None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def _cpu_name() -> str:

@@ -11,17 +11,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 #include "srnn_neuron.h"
 
-// Hot loops are compiled per x86 vector width (see SRNN_DEFINE_ROWS); elsewhere, one build.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define SRNN_CLONES
+#if SRNN_X86_ISAS
+#include <immintrin.h>  // Madd's FMA intrinsics, called only from code built for AVX2 / AVX-512
 #endif
+
 #define SRNN_INLINE inline __attribute__((always_inline))
 
 namespace srnn {
@@ -65,53 +66,81 @@ SRNN_INLINE To bits_as(From x) {
   return y;
 }
 
-// exp(x) for x <= 0 (the surrogate's Gaussians) in plain arithmetic that vectorizes, unlike
-// a libm call: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its
-// Taylor series (to r^13 for double, r^7 for float: truncation below half an ulp), times 2^n
-// built in the exponent bits. Within a few ulp of libm's exp. Below exp(-708) (double) /
-// exp(-87) (float) it returns 0 where libm gives a subnormal or 0.
+// The lane type of V (V itself for a scalar, the element type for a vector), and the signed
+// integer of the same shape (int32 / int64 lanes).
+template <typename V, typename = void>
+struct LaneOf {
+  using type = V;
+};
+template <typename V>
+struct LaneOf<V, std::void_t<decltype(std::declval<V>()[0])>> {
+  using type = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+};
+template <typename T> struct LaneInt;
+template <> struct LaneInt<float> { using type = int32_t; };
+template <> struct LaneInt<double> { using type = int64_t; };
+template <typename V, bool = std::is_arithmetic_v<V>>
+struct IntOf {
+  using type = typename LaneInt<V>::type;
+};
+template <typename V>
+struct IntOf<V, false> {
+  typedef typename LaneInt<typename LaneOf<V>::type>::type type __attribute__((vector_size(sizeof(V))));
+};
+
+// exp(x) for x <= 0 (the surrogate's Gaussians) in plain arithmetic, unlike a libm call: x =
+// n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its Taylor series (to
+// r^13 for double, r^7 for float: truncation below half an ulp), times 2^n built in the
+// exponent bits. Within a few ulp of libm's exp. Below exp(-708) (double) / exp(-87) (float)
+// it returns 0 where libm gives a subnormal or 0. V is a scalar or a vector (GCC/Clang vector
+// extensions): the same operations lane by lane, so both round alike.
 struct SimdExp {
-  SRNN_INLINE double operator()(double x) const {
-    const double shifter = 0x1.8p52;  // adding it rounds x log2(e) to an integer n
-    const double xc = x < -708.0 ? -708.0 : x;
-    const double t = xc * 1.4426950408889634 + shifter;
-    const double n = t - shifter;
-    const double r = (xc - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
-    double q = 1.0 / 6227020800.0;
-    q = q * r + 1.0 / 479001600.0;
-    q = q * r + 1.0 / 39916800.0;
-    q = q * r + 1.0 / 3628800.0;
-    q = q * r + 1.0 / 362880.0;
-    q = q * r + 1.0 / 40320.0;
-    q = q * r + 1.0 / 5040.0;
-    q = q * r + 1.0 / 720.0;
-    q = q * r + 1.0 / 120.0;
-    q = q * r + 1.0 / 24.0;
-    q = q * r + 1.0 / 6.0;
-    q = q * r + 0.5;
-    q = q * r + 1.0;
-    q = q * r + 1.0;
-    const int64_t k = bits_as<int64_t>(t) - bits_as<int64_t>(shifter);  // n as an integer
-    const double scale = bits_as<double>(int64_t(uint64_t(k + 1023) << 52));
-    return x < -708.0 ? 0.0 : q * scale;
-  }
-  SRNN_INLINE float operator()(float x) const {
-    const float shifter = 0x1.8p23f;
-    const float xc = x < -87.0f ? -87.0f : x;
-    const float t = xc * 1.44269504f + shifter;
-    const float n = t - shifter;
-    const float r = (xc - n * 0x1.62e4p-1f) - n * 0x1.7f7d1cp-20f;
-    float q = 1.0f / 5040.0f;
-    q = q * r + 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    const int32_t k = bits_as<int32_t>(t) - bits_as<int32_t>(shifter);
-    const float scale = bits_as<float>(int32_t(uint32_t(k + 127) << 23));
-    return x < -87.0f ? 0.0f : q * scale;
+  template <typename V>
+  SRNN_INLINE V operator()(V x) const {
+    using T = typename LaneOf<V>::type;
+    using VI = typename IntOf<V>::type;
+    const V zero{};
+    if constexpr (std::is_same_v<T, double>) {
+      const V lo = zero - 708.0, shifter = zero + 0x1.8p52;  // adding it rounds x log2(e) to an integer n
+      const V xc = x < lo ? lo : x;
+      const V t = xc * 1.4426950408889634 + shifter;
+      const V n = t - shifter;
+      const V r = (xc - n * 0x1.62e42fee00000p-1) - n * 0x1.a39ef35793c76p-33;
+      V q = zero + 1.0 / 6227020800.0;
+      q = q * r + 1.0 / 479001600.0;
+      q = q * r + 1.0 / 39916800.0;
+      q = q * r + 1.0 / 3628800.0;
+      q = q * r + 1.0 / 362880.0;
+      q = q * r + 1.0 / 40320.0;
+      q = q * r + 1.0 / 5040.0;
+      q = q * r + 1.0 / 720.0;
+      q = q * r + 1.0 / 120.0;
+      q = q * r + 1.0 / 24.0;
+      q = q * r + 1.0 / 6.0;
+      q = q * r + 0.5;
+      q = q * r + 1.0;
+      q = q * r + 1.0;
+      const VI k = bits_as<VI>(t) - bits_as<VI>(shifter);  // n as an integer, >= -1022
+      const V scale = bits_as<V>(VI(k + 1023) << 52);
+      return x < lo ? zero : q * scale;
+    } else {
+      const V lo = zero - 87.0f, shifter = zero + 0x1.8p23f;
+      const V xc = x < lo ? lo : x;
+      const V t = xc * 1.44269504f + shifter;
+      const V n = t - shifter;
+      const V r = (xc - n * 0x1.62e4p-1f) - n * 0x1.7f7d1cp-20f;
+      V q = zero + 1.0f / 5040.0f;
+      q = q * r + 1.0f / 720.0f;
+      q = q * r + 1.0f / 120.0f;
+      q = q * r + 1.0f / 24.0f;
+      q = q * r + 1.0f / 6.0f;
+      q = q * r + 0.5f;
+      q = q * r + 1.0f;
+      q = q * r + 1.0f;
+      const VI k = bits_as<VI>(t) - bits_as<VI>(shifter);  // >= -126
+      const V scale = bits_as<V>(VI(k + 127) << 23);
+      return x < lo ? zero : q * scale;
+    }
   }
 };
 
@@ -148,55 +177,166 @@ struct Neurons {
 };
 
 
-// 64-byte vectors (GCC/Clang vector extensions): one zmm with AVX-512, split into ymm /
-// xmm by the narrower clones. Explicit vectors keep accumulators in registers where the
-// auto-vectorizer would unroll-and-jam the row loop into scalar code.
-typedef float VecF __attribute__((vector_size(64)));
-typedef double VecD __attribute__((vector_size(64)));
-template <typename T> struct Vec64;
-template <> struct Vec64<float> { using type = VecF; };
-template <> struct Vec64<double> { using type = VecD; };
+// Vectors of one build (GCC/Clang vector extensions: SSE2 / NEON, AVX2, AVX-512 registers
+// by IsaTraits<ISA>::kVecBytes). Explicit vectors keep accumulators in registers where the
+// auto-vectorizer would unroll-and-jam the row loops into scalar code.
+template <Isa ISA, typename T>
+struct Simd {
+  static constexpr int kBytes = IsaTraits<ISA>::kVecBytes;
+  static constexpr int64_t L = kBytes / int64_t(sizeof(T));  // lanes
+  typedef T V __attribute__((vector_size(kBytes)));
+  static SRNN_INLINE V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static SRNN_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
 
-template <typename T>
-SRNN_INLINE typename Vec64<T>::type load64(const T* p) {
-  typename Vec64<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// a * b + c for the vectors of one build: fused (one rounding) where the build has FMA, for
+// the linear-algebra sums only (W^T dI, the projection over real-valued inputs, the dW
+// updates), never for the neuron math, which rounds like the reference's separate ops. So
+// the avx2 and avx512 builds give bitwise the same results, and the default build's
+// gradients differ from theirs in the last bits.
+template <Isa ISA, typename V>
+struct Madd {
+  static SRNN_INLINE V run(V a, V b, V c) { return a * b + c; }
+};
+#if SRNN_X86_ISAS
+template <typename V>
+struct Madd<Isa::kAvx2, V> {
+  __attribute__((target("avx2,fma"))) static inline V run(V a, V b, V c) {  // inlined by run_avx2 (flatten)
+    if constexpr (std::is_same_v<typename LaneOf<V>::type, float>)
+      return V(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+    else
+      return V(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
+  }
+};
+template <typename V>
+struct Madd<Isa::kAvx512, V> {
+  __attribute__((target("avx512f"))) static inline V run(V a, V b, V c) {  // inlined by run_avx512
+    if constexpr (std::is_same_v<typename LaneOf<V>::type, float>)
+      return V(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+    else
+      return V(_mm512_fmadd_pd(__m512d(a), __m512d(b), __m512d(c)));
+  }
+};
+#endif
+template <Isa ISA, typename V>
+SRNN_INLINE V madd(V a, V b, V c) {
+  return Madd<ISA, V>::run(a, b, c);
 }
-template <typename T>
-SRNN_INLINE void store64(T* p, typename Vec64<T>::type v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Bit l of the result is set where lane l of the 64-byte chunk at x is nonzero (NaN counts as
-// nonzero): a vector compare, then an OR tree over the lanes (one k-mask compare and five
-// shuffles with AVX-512).
-SRNN_INLINE uint32_t nonzero_mask(const float* x) {
-  typedef int32_t VecI __attribute__((vector_size(64)));
-  const VecI bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
-  VecI m = (load64(x) != VecF{}) & bit;
-  m |= __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  m |= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  m |= __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  m |= __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return uint32_t(m[0]);
+// A vector of one build with every lane x: lane 0 shuffled into all lanes, which compiles to
+// one broadcast (a loop over the lanes compiled to lane inserts; V{} + x to an add that must
+// stay, since -0 + 0 is +0).
+template <typename V, std::size_t... K>
+SRNN_INLINE V broadcast_lane0(V v, std::index_sequence<K...>) {
+  return __builtin_shufflevector(v, v, (K * 0)...);
 }
-SRNN_INLINE uint32_t nonzero_mask(const double* x) {
-  typedef int64_t VecL __attribute__((vector_size(64)));
-  const VecL bit = {1, 2, 4, 8, 16, 32, 64, 128};
-  VecL m = (load64(x) != VecD{}) & bit;
-  m |= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
-  m |= __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
-  m |= __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
-  return uint32_t(m[0]);
+template <Isa ISA, typename T>
+SRNN_INLINE typename Simd<ISA, T>::V splat(T x) {
+  using S = Simd<ISA, T>;
+  typename S::V v{};
+  v[0] = x;
+  return broadcast_lane0(v, std::make_index_sequence<std::size_t(S::L)>());
+}
+
+// f(std::integral_constant<int, k>) for k = 0 .. N-1: indices known at compile time, so an
+// array of vector accumulators indexed by them stays in registers.
+template <typename F, int... K>
+SRNN_INLINE void static_for_impl(F& f, std::integer_sequence<int, K...>) {
+  (f(std::integral_constant<int, K>()), ...);
+}
+template <int N, typename F>
+SRNN_INLINE void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>());
+}
+
+// f(std::integral_constant<int, c>) with c = min(n, N), n >= 1: a chunk count as a
+// compile-time constant, so that a loop over c chunks keeps its accumulators in registers.
+template <int N, typename F>
+SRNN_INLINE void with_chunks(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_chunks<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>());
+}
+
+template <typename VI, std::size_t... K>
+SRNN_INLINE auto low_half(VI v, std::index_sequence<K...>) {
+  return __builtin_shufflevector(v, v, K...);
+}
+template <typename VI, std::size_t... K>
+SRNN_INLINE auto high_half(VI v, std::index_sequence<K...>) {
+  return __builtin_shufflevector(v, v, (K + sizeof...(K))...);
+}
+// The OR of the L lanes of an integer vector: halves folded onto each other.
+template <int64_t L, typename VI>
+SRNN_INLINE uint32_t or_lanes(VI v) {
+  if constexpr (L == 1) {
+    return uint32_t(v[0]);
+  } else {
+    using Half = std::make_index_sequence<std::size_t(L / 2)>;
+    return or_lanes<L / 2>(low_half(v, Half()) | high_half(v, Half()));
+  }
+}
+
+// The signed integer of a lane type's size, and its vector of one build.
+template <Isa ISA, typename T>
+struct SimdInt {
+  using S = typename LaneInt<T>::type;
+  typedef S V __attribute__((vector_size(IsaTraits<ISA>::kVecBytes)));
+  static SRNN_INLINE V lane_bits() {  // {1, 2, 4, ...}: lane l holds bit l
+    V b;
+    for (int64_t l = 0; l < Simd<ISA, T>::L; ++l) b[l] = S(1) << l;
+    return b;
+  }
+};
+
+// Bit l of the result is set where lane l of the vector at x is nonzero (NaN counts as
+// nonzero): a vector compare, then an OR tree over the lanes; on x86 the compare's own mask
+// (movemask, AVX-512 mask registers), one instruction instead of the tree.
+template <Isa ISA, typename T>
+struct NonzeroMask {
+  static SRNN_INLINE uint32_t run(const T* x) {
+    using VF = Simd<ISA, T>;
+    return or_lanes<VF::L>((VF::load(x) != typename VF::V{}) & SimdInt<ISA, T>::lane_bits());
+  }
+};
+#if SRNN_X86_ISAS
+template <typename T>
+struct NonzeroMask<Isa::kAvx2, T> {
+  __attribute__((target("avx2"))) static inline uint32_t run(const T* x) {  // inlined by run_avx2 (flatten)
+    if constexpr (std::is_same_v<T, float>)
+      return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+    else
+      return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x), _mm256_setzero_pd(), _CMP_NEQ_UQ)));
+  }
+};
+template <typename T>
+struct NonzeroMask<Isa::kAvx512, T> {
+  __attribute__((target("avx512f"))) static inline uint32_t run(const T* x) {  // inlined by run_avx512
+    if constexpr (std::is_same_v<T, float>)
+      return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_setzero_ps(), _CMP_NEQ_UQ));
+    else
+      return uint32_t(_mm512_cmp_pd_mask(_mm512_loadu_pd(x), _mm512_setzero_pd(), _CMP_NEQ_UQ));
+  }
+};
+#endif
+template <Isa ISA, typename T>
+SRNN_INLINE uint32_t nonzero_mask(const T* x) {
+  return NonzeroMask<ISA, T>::run(x);
 }
 
 // Indices of the nonzero x[k], k < n, in increasing order; returns how many. Used for the
 // active neurons of s_{t-1} and the nonzero inputs x_t (spikes are sparse).
-template <typename T>
+template <Isa ISA, typename T>
 SRNN_INLINE int64_t nonzero_index(const T* __restrict x, int64_t n, int32_t* __restrict idx) {
-  constexpr int64_t L = 64 / sizeof(T);
+  constexpr int64_t L = Simd<ISA, T>::L;
   int64_t count = 0, k0 = 0;
   for (; k0 + L <= n; k0 += L)
-    for (uint32_t mask = nonzero_mask(x + k0); mask != 0; mask &= mask - 1)
+    for (uint32_t mask = nonzero_mask<ISA>(x + k0); mask != 0; mask &= mask - 1)
       idx[count++] = int32_t(k0 + __builtin_ctz(mask));
   for (; k0 < n; ++k0) {  // the tail, branch-free
     idx[count] = int32_t(k0);
@@ -205,25 +345,24 @@ SRNN_INLINE int64_t nonzero_index(const T* __restrict x, int64_t n, int32_t* __r
   return count;
 }
 
-// out [NC chunks of 64 B] = init + sum over m < n of v[idx[m]] * rows[idx[m]]: NC independent
-// register accumulators, each row read once.
-template <typename T, bool UNIT, int NC>
+// out [NC vectors] = init + sum over m < n of v[idx[m]] * rows[idx[m]], in order of m: NC
+// independent register accumulators, each row read once.
+template <Isa ISA, typename T, bool UNIT, int NC>
 SRNN_INLINE void sum_rows_chunks(const T* __restrict rows, int64_t Hp, const int32_t* __restrict idx, int64_t n,
                                  const T* __restrict v, const T* __restrict init, T* __restrict out) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t L = 64 / sizeof(T);
-  V acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = init != nullptr ? load64(init + c * L) : V{};
+  using S = Simd<ISA, T>;
+  typename S::V acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = init != nullptr ? S::load(init + c * S::L) : typename S::V{};
   for (int64_t m = 0; m < n; ++m) {
     const T* __restrict w = rows + int64_t(idx[m]) * Hp;
     if (UNIT) {
-      for (int c = 0; c < NC; ++c) acc[c] += load64(w + c * L);
+      for (int c = 0; c < NC; ++c) acc[c] += S::load(w + c * S::L);
     } else {
-      const T vm = v[idx[m]];
-      for (int c = 0; c < NC; ++c) acc[c] += vm * load64(w + c * L);
+      const typename S::V vv = splat<ISA>(v[idx[m]]);
+      for (int c = 0; c < NC; ++c) acc[c] = madd<ISA>(vv, S::load(w + c * S::L), acc[c]);
     }
   }
-  for (int c = 0; c < NC; ++c) store64(out + c * L, acc[c]);
+  for (int c = 0; c < NC; ++c) S::store(out + c * S::L, acc[c]);
 }
 
 // out [Hp] = init + sum over m < n of v[idx[m]] * rows[idx[m]] (rows [*, Hp], Hp a whole
@@ -231,89 +370,86 @@ SRNN_INLINE void sum_rows_chunks(const T* __restrict rows, int64_t Hp, const int
 // over the active columns (rows of W^T), or the input current b + W_in x_t over the nonzero
 // inputs (rows of W_in^T). UNIT: every v[idx[m]] is 1 (binary spikes), so the products are
 // skipped (multiplying by 1 would round alike).
-template <typename T, bool UNIT>
+template <Isa ISA, typename T, bool UNIT>
 SRNN_INLINE void sum_rows(const T* rows, int64_t Hp, const int32_t* idx, int64_t n, const T* v, const T* init,
                           T* out) {
-  constexpr int64_t L = 64 / sizeof(T);
-  for (int64_t j0 = 0; j0 < Hp; j0 += 4 * L) {
-    const T* r = rows + j0;
-    const T* in = init != nullptr ? init + j0 : nullptr;
-    switch (std::min<int64_t>(4, (Hp - j0) / L)) {
-      case 1: sum_rows_chunks<T, UNIT, 1>(r, Hp, idx, n, v, in, out + j0); break;
-      case 2: sum_rows_chunks<T, UNIT, 2>(r, Hp, idx, n, v, in, out + j0); break;
-      case 3: sum_rows_chunks<T, UNIT, 3>(r, Hp, idx, n, v, in, out + j0); break;
-      default: sum_rows_chunks<T, UNIT, 4>(r, Hp, idx, n, v, in, out + j0); break;
-    }
-  }
+  constexpr int64_t L = Simd<ISA, T>::L;
+  constexpr int NC = IsaTraits<ISA>::kSumChunks;
+  for (int64_t j0 = 0; j0 < Hp; j0 += NC * L)
+    with_chunks<NC>((Hp - j0) / L, [&](auto nc) {
+      sum_rows_chunks<ISA, T, UNIT, nc()>(rows + j0, Hp, idx, n, v, init != nullptr ? init + j0 : nullptr, out + j0);
+    });
 }
 
 // rows[idx[m]] += v[idx[m]] * d for m < n (rows [*, Hp], d [Hp]): the outer-product
 // updates of dW_in^T and dW_rec^T restricted to the nonzero inputs / active neurons. d stays
-// in registers, NC 64-byte chunks at a time.
-template <typename T, int NC>
+// in registers, NC vectors at a time.
+template <Isa ISA, typename T, int NC>
 SRNN_INLINE void add_to_rows_chunks(T* __restrict rows, int64_t Hp, const int32_t* __restrict idx, int64_t n,
                                     const T* __restrict v, const T* __restrict d) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t L = 64 / sizeof(T);
-  V dv[NC];
-  for (int c = 0; c < NC; ++c) dv[c] = load64(d + c * L);
+  using S = Simd<ISA, T>;
+  typename S::V dv[NC];
+  for (int c = 0; c < NC; ++c) dv[c] = S::load(d + c * S::L);
   for (int64_t m = 0; m < n; ++m) {
     T* __restrict r = rows + int64_t(idx[m]) * Hp;
-    const T vm = v[idx[m]];
-    for (int c = 0; c < NC; ++c) store64(r + c * L, load64(r + c * L) + vm * dv[c]);
+    const typename S::V vv = splat<ISA>(v[idx[m]]);
+    for (int c = 0; c < NC; ++c) S::store(r + c * S::L, madd<ISA>(vv, dv[c], S::load(r + c * S::L)));
   }
 }
 
-template <typename T>
+template <Isa ISA, typename T>
 SRNN_INLINE void add_to_rows(T* rows, int64_t Hp, const int32_t* idx, int64_t n, const T* v, const T* d) {
-  constexpr int64_t L = 64 / sizeof(T);
-  for (int64_t j0 = 0; j0 < Hp; j0 += 4 * L) {
-    switch (std::min<int64_t>(4, (Hp - j0) / L)) {
-      case 1: add_to_rows_chunks<T, 1>(rows + j0, Hp, idx, n, v, d + j0); break;
-      case 2: add_to_rows_chunks<T, 2>(rows + j0, Hp, idx, n, v, d + j0); break;
-      case 3: add_to_rows_chunks<T, 3>(rows + j0, Hp, idx, n, v, d + j0); break;
-      default: add_to_rows_chunks<T, 4>(rows + j0, Hp, idx, n, v, d + j0); break;
-    }
-  }
+  constexpr int64_t L = Simd<ISA, T>::L;
+  constexpr int NC = IsaTraits<ISA>::kSumChunks;
+  for (int64_t j0 = 0; j0 < Hp; j0 += NC * L)
+    with_chunks<NC>((Hp - j0) / L, [&](auto nc) { add_to_rows_chunks<ISA, T, nc()>(rows + j0, Hp, idx, n, v, d + j0); });
 }
 
-template <typename T>
+template <Isa ISA, typename T>
 SRNN_INLINE void recurrent_input(const T* wT, const T* s, const int32_t* idx, int64_t n, bool unit, int64_t Hp,
                                  T* acc) {
-  if (unit) sum_rows<T, true>(wT, Hp, idx, n, s, nullptr, acc);
-  else sum_rows<T, false>(wT, Hp, idx, n, s, nullptr, acc);
+  if (unit) sum_rows<ISA, T, true>(wT, Hp, idx, n, s, nullptr, acc);
+  else sum_rows<ISA, T, false>(wT, Hp, idx, n, s, nullptr, acc);
 }
 
-// Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32.
-template <typename T>
-void pack_bits(const T* s, int64_t H, int32_t* bits) {
+// Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32: vector
+// compares (nonzero_mask) over whole vectors, lanes past the last whole one one by one.
+template <Isa ISA, typename T>
+SRNN_INLINE void pack_bits(const T* __restrict s, int64_t H, int32_t* __restrict bits) {
+  constexpr int64_t L = Simd<ISA, T>::L;
   for (int64_t w = 0; w * 32 < H; ++w) {
     uint32_t word = 0;
-    const int64_t n = std::min<int64_t>(32, H - w * 32);
-    for (int64_t k = 0; k < n; ++k) word |= uint32_t(s[w * 32 + k] != T(0)) << k;
+    int64_t k = w * 32;
+    const int64_t end = std::min<int64_t>(H, k + 32);
+    for (; k + L <= end; k += L) word |= nonzero_mask<ISA>(s + k) << (k & 31);
+    for (; k < end; ++k) word |= uint32_t(s[k] != T(0)) << (k & 31);
     bits[w] = int32_t(word);
   }
 }
 
-// bits [ceil(H/32)] -> s [padded(H)] of 0/1 (lanes past H are 0: the padding bits are 0).
-// One 64-byte chunk at a time: 16 floats or 8 doubles always lie within one 32-bit word.
-SRNN_INLINE void unpack_chunk(uint32_t word, float* s) {
-  typedef int32_t VecI __attribute__((vector_size(64)));
-  const VecI bit = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
-  const VecI on = ((VecI{} + int32_t(word)) & bit) != 0;  // lanes of -1 / 0
-  store64(s, __builtin_convertvector(-on, VecF));
-}
-SRNN_INLINE void unpack_chunk(uint32_t word, double* s) {
-  typedef int64_t VecL __attribute__((vector_size(64)));
-  const VecL bit = {1, 2, 4, 8, 16, 32, 64, 128};
-  const VecL on = ((VecL{} + int64_t(word)) & bit) != 0;
-  store64(s, __builtin_convertvector(-on, VecD));
+// Indices of the set bits of bits [W] in increasing order (the active neurons); returns
+// how many. The cost follows the spike count.
+SRNN_INLINE int64_t bit_index(const int32_t* __restrict bits, int64_t W, int32_t* __restrict idx) {
+  int64_t n = 0;
+  for (int64_t w = 0; w < W; ++w)
+    for (uint32_t word = uint32_t(bits[w]); word != 0; word &= word - 1) idx[n++] = int32_t(w * 32 + __builtin_ctz(word));
+  return n;
 }
 
-template <typename T>
+// bits [ceil(H/32)] -> s [padded(H)] of 0/1 (lanes past H are 0: the padding bits are 0).
+// One vector at a time: its 2 to 16 lanes always lie within one 32-bit word.
+template <Isa ISA, typename T>
 SRNN_INLINE void unpack_bits(const int32_t* __restrict bits, int64_t H, T* __restrict s) {
-  constexpr int64_t L = 64 / sizeof(T);
-  for (int64_t j0 = 0; j0 < H; j0 += L) unpack_chunk(uint32_t(bits[j0 >> 5]) >> (j0 & 31), s + j0);
+  using S = Simd<ISA, T>;
+  using SI = SimdInt<ISA, T>;
+  constexpr int64_t L = S::L;
+  static_assert(32 % L == 0, "a vector's lanes lie within one 32-bit word");
+  const typename SI::V lane_bits = SI::lane_bits();
+  for (int64_t j0 = 0; j0 < H; j0 += L) {
+    const typename SI::S word = typename SI::S(uint32_t(bits[j0 >> 5]) >> (j0 & 31));
+    const typename SI::V on = ((typename SI::V{} + word) & lane_bits) != 0;  // lanes of -1 / 0
+    S::store(s + j0, __builtin_convertvector(-on, typename S::V));
+  }
 }
 
 
@@ -331,11 +467,28 @@ SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int6
   for (int64_t i = 0; i < H; ++i) s[i] = forward_step(p, nrn.at(i), T(x[i] + rec[i]), s_prev[i], u[i], eta[i]);
 }
 
+// sg [H] = d s_t / d v_t at v = u_t - theta_t: the surrogate (binary neurons) or the step
+// (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512) and a scalar
+// tail, which rounds alike.
+template <Isa ISA, typename T, bool BINARY>
+SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict u, const T* __restrict eta,
+                             T* __restrict sg) {
+  using S = Simd<ISA, T>;
+  const auto grad = [&p](auto v) {
+    using V = decltype(v);
+    if constexpr (BINARY) return surrogate_grad(p, v, SimdExp());
+    else return v > V{} ? V{} + T(1) : V{};
+  };
+  int64_t i = 0;
+  for (; i + S::L <= H; i += S::L) S::store(sg + i, grad(S::load(u + i) - threshold(p, S::load(eta + i))));
+  for (; i < H; ++i) sg[i] = grad(T(u[i] - threshold(p, eta[i])));
+}
+
 // One backward step of a row's neurons (t descending): sg = the surrogate at u_t - theta_t,
 // then dI_t, the local part of dL/ds_{t-1} (into ds, replacing what was there: the caller
 // adds W^T dI_t afterwards), the dL/dalpha and dL/drho sums (float64), and the carries
 // du, deta. g_s = dL/ds_t from the output; ds holds dL/ds_t from step t+1 on entry.
-template <typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void backward_neurons(const Params<T>& params, const Neurons<T>& nrn, int64_t H, T* __restrict sg,
                                   const T* __restrict u_prev, const T* __restrict u_cur,
                                   const T* __restrict e_prev, const T* __restrict e_cur,
@@ -344,18 +497,7 @@ SRNN_INLINE void backward_neurons(const Params<T>& params, const Neurons<T>& nrn
                                   double* __restrict dalpha, double* __restrict drho) {
   Params<T> p = params;
   p.binary = BINARY;
-  // The surrogate, one loop per kind so that each vectorizes whole (SimdExp).
-  if (p.surrogate == kGaussian) {
-    Params<T> q = p;
-    q.surrogate = kGaussian;
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) sg[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
-  } else {
-    Params<T> q = p;
-    q.surrogate = kMultiGaussian;
-#pragma omp simd
-    for (int64_t i = 0; i < H; ++i) sg[i] = spike_grad(q, T(u_cur[i] - threshold(q, e_cur[i])), SimdExp());
-  }
+  spike_grads<ISA, T, BINARY>(p, H, u_cur, e_cur, sg);
 #pragma omp simd
   for (int64_t i = 0; i < H; ++i) {
     const StepGrads<T> g = backward_step_sg(p, nrn.at(i), sg[i], u_prev[i], u_cur[i], e_prev[i], e_cur[i],
@@ -395,45 +537,48 @@ void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* 
   std::memcpy(drho_rows + off, drho, n * sizeof(double));
 }
 
-// Backward kernels process batch rows in blocks of kRowBlock in lockstep over t, so that each
-// row of W read for the W^T dI_t products serves every row of the block.
-constexpr int64_t kRowBlock = 4;
-
 // ds[r] += W^T dI[r] for the rows of a block (dI[r] [H], kRowBlock pointers; rows past nr
-// point at zeros and are not written; W [H, Hp] zero-padded rows). NC 64-byte column chunks
-// at a time for all kRowBlock rows: NC * kRowBlock register accumulators, each W row chunk
-// read once per block and step.
-template <typename T, int NC>
+// point at zeros and are not written; W [H, Hp] zero-padded rows). NC vectors of columns at
+// a time for all kRowBlock rows: kRowBlock x NC register accumulators, each W row chunk read
+// once per block and step; every sum runs over i in order.
+template <Isa ISA, typename T, int NC>
 SRNN_INLINE void add_wT_dI_chunks(const T* __restrict w, const T* const* dI, int64_t H, int64_t Hp, int64_t j0,
                                   int64_t nr, T* __restrict ds) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t L = 64 / sizeof(T);
-  V acc[kRowBlock][NC] = {};
+  using S = Simd<ISA, T>;
+  constexpr int64_t L = S::L;
+  typename S::V acc[kRowBlock][NC] = {};
   for (int64_t i = 0; i < H; ++i) {
     const T* __restrict wi = w + i * Hp + j0;
-    V wv[NC];
-    for (int c = 0; c < NC; ++c) wv[c] = load64(wi + c * L);
+    typename S::V wv[NC];
+    for (int c = 0; c < NC; ++c) wv[c] = S::load(wi + c * L);
     for (int r = 0; r < kRowBlock; ++r) {
-      const T d = dI[r][i];
-      for (int c = 0; c < NC; ++c) acc[r][c] += d * wv[c];
+      const typename S::V d = splat<ISA>(dI[r][i]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = madd<ISA>(d, wv[c], acc[r][c]);
     }
   }
-  for (int64_t r = 0; r < nr; ++r)
-    for (int c = 0; c < NC; ++c) {
-      T tmp[L];
-      store64(tmp, acc[r][c]);
-      const int64_t j = j0 + c * L, n = std::min(L, H - j);
-      for (int64_t l = 0; l < n; ++l) ds[r * H + j + l] += tmp[l];
-    }
+  // Constant indices (static_for): acc stays in registers instead of being kept in memory.
+  static_for<kRowBlock>([&](auto r) {
+    if (r() >= nr) return;
+    static_for<NC>([&](auto c) {
+      const int64_t j = j0 + c() * L;
+      T* __restrict out = ds + r() * H + j;
+      if (j + L <= H) {
+        S::store(out, S::load(out) + acc[r()][c()]);
+      } else if (j < H) {
+        T tmp[L];
+        S::store(tmp, acc[r()][c()]);
+        for (int64_t l = 0; l < H - j; ++l) out[l] += tmp[l];
+      }
+    });
+  });
 }
 
-template <typename T>
+template <Isa ISA, typename T>
 SRNN_INLINE void add_wT_dI(const T* w, const T* const* dI, int64_t nr, int64_t H, int64_t Hp, T* ds) {
-  constexpr int64_t L = 64 / sizeof(T);
-  for (int64_t j0 = 0; j0 < Hp; j0 += 2 * L) {
-    if (Hp - j0 >= 2 * L) add_wT_dI_chunks<T, 2>(w, dI, H, Hp, j0, nr, ds);
-    else add_wT_dI_chunks<T, 1>(w, dI, H, Hp, j0, nr, ds);
-  }
+  constexpr int64_t L = Simd<ISA, T>::L;
+  constexpr int NC = IsaTraits<ISA>::kWtChunks;
+  for (int64_t j0 = 0; j0 < H; j0 += NC * L)
+    with_chunks<NC>((H - j0 + L - 1) / L, [&](auto nc) { add_wT_dI_chunks<ISA, T, nc()>(w, dI, H, Hp, j0, nr, ds); });
 }
 
 }  // namespace

@@ -24,15 +24,15 @@ namespace {
 template <typename T>
 struct LayerArgs {
   const T* x;         // [T, B, I] layer input
+  const T* xp;        // [T, B, H]: x W_in^T + b by one GEMM (dense inputs), or null: summed in the kernel
   const T* winT;      // [I, Hp]: W_in^T, rows zero-padded (row k = column k of W_in)
-  const T* win;       // [H, Ip]: W_in, rows zero-padded (for dL/dx)
   const T* bias;      // [Hp] (zeros without a bias)
   const T* wT;        // [H, Hp]: W_rec^T (forward: sums over active columns)
   const T* w;         // [H, Hp]: W_rec (backward: W^T dI)
   const T* u0;        // [B, H]
   const T* eta0;      // [B, H]
   const T* s0;        // [B, H], any real values (user state)
-  int64_t T_, B, H, Hp, I, Ip, K;  // K: steps per checkpoint segment (0: save nothing)
+  int64_t T_, B, H, Hp, I, K;  // K: steps per checkpoint segment (0: save nothing)
 };
 
 // Scratch of one row for one step: the two halves of the input current.
@@ -43,23 +43,32 @@ struct StepScratch {
 };
 
 // The nonzero inputs x_t and the active previous spikes of one step (their indices), kept
-// by the backward's recomputation for the dW_in and dW_rec sums of the same step.
+// by the backward's recomputation for the dW_in and dW_rec sums of the same step. The
+// caller fills s and ns (from spike bits where it has them), layer_step x and nx.
 struct Active {
   int32_t* x;    // [I]
   int32_t* s;    // [H]
   int64_t nx, ns;
 };
 
-// One step of one row, the single definition used by the forward and by the backward's
-// recomputation: I_t = (b + W_in x_t) + W_rec s_{t-1}; u, eta advance in place; s_t out.
-template <typename T, bool BINARY>
-SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, const T* xt,
+// One step of one row (row = t * B + b), the single definition used by the forward and by
+// the backward's recomputation: I_t = (b + W_in x_t) + W_rec s_{t-1} (over act.s, the active
+// s_{t-1}); u, eta advance in place; s_t out. b + W_in x_t is the GEMM's row (dense inputs)
+// or a sum over the nonzero inputs (spikes).
+template <Isa ISA, typename T, bool BINARY>
+SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, int64_t row,
                             const T* s_prev, StepScratch<T>& sc, Active& act, T* u, T* eta, T* s) {
-  act.nx = nonzero_index(xt, a.I, act.x);
-  sum_rows<T, false>(a.winT, a.Hp, act.x, act.nx, xt, a.bias, sc.proj.data());  // b + W_in x_t
-  act.ns = nonzero_index(s_prev, a.H, act.s);
-  recurrent_input(a.wT, s_prev, act.s, act.ns, false, a.Hp, sc.rec.data());
-  forward_neurons(p, nrn, a.H, sc.proj.data(), sc.rec.data(), s_prev, u, eta, s);
+  const T* proj = sc.proj.data();
+  if (a.xp != nullptr) {
+    proj = a.xp + row * a.H;
+    act.nx = 0;
+  } else {
+    const T* xt = a.x + row * a.I;
+    act.nx = nonzero_index<ISA>(xt, a.I, act.x);
+    sum_rows<ISA, T, false>(a.winT, a.Hp, act.x, act.nx, xt, a.bias, sc.proj.data());
+  }
+  recurrent_input<ISA>(a.wT, s_prev, act.s, act.ns, false, a.Hp, sc.rec.data());
+  forward_neurons(p, nrn, a.H, proj, sc.rec.data(), s_prev, u, eta, s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -75,58 +84,67 @@ struct LayerOut {
   int32_t* bits;   // [T, B, W] (binary and saving) or null
 };
 
-template <typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& params,
                                     const Neurons<T>& nrn, int64_t b_begin, int64_t b_end) {
   Params<T> p = params;
   p.binary = BINARY;
-  const int64_t H = a.H, B = a.B, W = spike_words(H);
-  std::vector<T> u(H), eta(H);
+  const int64_t H = a.H, B = a.B, W = spike_words(H), R = kFwdRowBlock;
+  std::vector<T> u(R * H), eta(R * H);
   StepScratch<T> sc(a.Hp);
-  std::vector<int32_t> xidx(a.I), sidx(H);
-  Active act{xidx.data(), sidx.data(), 0, 0};
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    std::memcpy(u.data(), a.u0 + b * H, H * sizeof(T));
-    std::memcpy(eta.data(), a.eta0 + b * H, H * sizeof(T));
-    const T* s_prev = a.s0 + b * H;
-    for (int64_t t = 0; t < a.T_; ++t) {
-      const int64_t row = t * B + b;
-      if (o.u_ckpt != nullptr && t % a.K == 0) {
-        const int64_t c = (t / a.K) * B + b;
-        std::memcpy(o.u_ckpt + c * H, u.data(), H * sizeof(T));
-        std::memcpy(o.eta_ckpt + c * H, eta.data(), H * sizeof(T));
-      }
-      if (t + kPrefetchSteps < a.T_) {
-        prefetch_row(a.x + (row + kPrefetchSteps * B) * a.I, a.I * sizeof(T));
-        prefetch_row<true>(o.s + (row + kPrefetchSteps * B) * H, H * sizeof(T));
-      }
-      T* st = o.s + row * H;
-      layer_step<T, BINARY>(a, p, nrn, a.x + row * a.I, s_prev, sc, act, u.data(), eta.data(), st);
-      if (BINARY && o.bits != nullptr) pack_bits(st, H, o.bits + row * W);
-      s_prev = st;
+  std::vector<int32_t> xidx(a.I), sidx(R * H), words(W);
+  std::vector<Active> act(R);
+  for (int64_t r = 0; r < R; ++r) act[r] = Active{xidx.data(), sidx.data() + r * H, 0, 0};
+  const T* s_prev[kFwdRowBlock];
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += R) {  // rows b0 .. b0 + nr - 1 in lockstep over t
+    const int64_t nr = std::min(R, b_end - b0);
+    std::memcpy(u.data(), a.u0 + b0 * H, nr * H * sizeof(T));
+    std::memcpy(eta.data(), a.eta0 + b0 * H, nr * H * sizeof(T));
+    for (int64_t r = 0; r < nr; ++r) {
+      s_prev[r] = a.s0 + (b0 + r) * H;
+      act[r].ns = nonzero_index<ISA>(s_prev[r], H, act[r].s);  // s0: user state, any real values
     }
-    std::memcpy(o.u_T + b * H, u.data(), H * sizeof(T));
-    std::memcpy(o.eta_T + b * H, eta.data(), H * sizeof(T));
+    for (int64_t t = 0; t < a.T_; ++t) {
+      const int64_t row0 = t * B + b0;  // the block's rows of step t are contiguous
+      if (o.u_ckpt != nullptr && t % a.K == 0) {
+        const int64_t c = (t / a.K) * B + b0;
+        std::memcpy(o.u_ckpt + c * H, u.data(), nr * H * sizeof(T));
+        std::memcpy(o.eta_ckpt + c * H, eta.data(), nr * H * sizeof(T));
+      }
+      if (t + kPrefetchSteps < a.T_) {  // one prefetch run per block and step: shared pages, fewer TLB walks
+        const int64_t ahead = row0 + kPrefetchSteps * B;
+        if (a.xp != nullptr) prefetch_row(a.xp + ahead * H, nr * H * sizeof(T));
+        else prefetch_row(a.x + ahead * a.I, nr * a.I * sizeof(T));
+        prefetch_row<true>(o.s + ahead * H, nr * H * sizeof(T));
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = row0 + r;
+        T* st = o.s + row * H;
+        layer_step<ISA, T, BINARY>(a, p, nrn, row, s_prev[r], sc, act[r], u.data() + r * H, eta.data() + r * H, st);
+        if (BINARY) {  // the next step's active set from the bits: cost follows the spike count
+          pack_bits<ISA>(st, H, words.data());
+          if (o.bits != nullptr) std::memcpy(o.bits + row * W, words.data(), W * sizeof(int32_t));
+          act[r].ns = bit_index(words.data(), W, act[r].s);
+        } else {
+          act[r].ns = nonzero_index<ISA>(st, H, act[r].s);
+        }
+        s_prev[r] = st;
+      }
+    }
+    std::memcpy(o.u_T + b0 * H, u.data(), nr * H * sizeof(T));
+    std::memcpy(o.eta_T + b0 * H, eta.data(), nr * H * sizeof(T));
   }
 }
 
-#define SRNN_LAYER_FWD(NAME, T, BINARY)                                                              \
-  SRNN_CLONES void NAME(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n, \
-                        int64_t b, int64_t e) {                                                     \
-    layer_forward_rows<T, BINARY>(a, o, p, n, b, e);                                                \
+// The kernel of cpu_isa.h's run_kernel: built once per instruction set.
+template <typename T, bool BINARY>
+struct LayerForward {
+  template <Isa ISA>
+  static void run(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n, int64_t b,
+                  int64_t e) {
+    layer_forward_rows<ISA, T, BINARY>(a, o, p, n, b, e);
   }
-SRNN_LAYER_FWD(layer_fwd_f32_bin, float, true)
-SRNN_LAYER_FWD(layer_fwd_f32_relu, float, false)
-SRNN_LAYER_FWD(layer_fwd_f64_bin, double, true)
-SRNN_LAYER_FWD(layer_fwd_f64_relu, double, false)
-#undef SRNN_LAYER_FWD
-
-template <typename T>
-void layer_forward_any(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n,
-                       int64_t b, int64_t e) {
-  if constexpr (std::is_same_v<T, float>) p.binary ? layer_fwd_f32_bin(a, o, p, n, b, e) : layer_fwd_f32_relu(a, o, p, n, b, e);
-  else p.binary ? layer_fwd_f64_bin(a, o, p, n, b, e) : layer_fwd_f64_relu(a, o, p, n, b, e);
-}
+};
 
 // ---------------------------------------------------------------------------------------
 // Backward: blocks of kRowBlock rows in lockstep, segments of K steps from the last.
@@ -140,18 +158,19 @@ struct LayerGrads {
   const T* eta_ckpt;    // [C, B, H]
   const int32_t* bits;  // [T, B, W] (binary) or null
   const T* s_seq;       // [T, B, H] (relu) or null
-  T* grad_x;            // [T, B, I] or null (x needs no gradient)
+  T* dI;                // [T, B, H] dL/dI_t for the GEMMs after the kernel (dense inputs, or dL/dx
+                        // needed), or null
   T* grad_u0;           // [B, H]
   T* grad_eta0;         // [B, H]
   T* grad_s0;           // [B, H]
   double* dalpha_num;   // [B, H] per-row sums, reduced over B in row order afterwards
   double* drho;         // [B, H]
-  T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T)
-  T* bias_part;         // [nblocks, Hp]
+  T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T), or null (dense)
+  T* bias_part;         // [nblocks, Hp], or null (dense)
   T* wrec_part;         // [nblocks, H, Hp]: per-block sums of s_j dI (dW_rec^T)
 };
 
-template <typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& params,
                                       const Neurons<T>& nrn, int64_t blk) {
   Params<T> p = params;
@@ -162,21 +181,22 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
   // s_{t-1} [R, K, Hp] (rows padded: unpack_bits writes whole vectors), and the active
   // inputs / spikes of each step [R, K]. s_new takes the recomputed s_t (equal to the bits).
   std::vector<T> u_seg(R * (K + 1) * H), e_seg(R * (K + 1) * H), s_seg(R * K * Hp), s_new(H);
-  std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI(R * Hp, T(0)), dx(a.Ip);
+  std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI(R * Hp, T(0));
   std::vector<double> dalpha(R * H, 0.0), drho(R * H, 0.0);
   StepScratch<T> sc(Hp);
   std::vector<int32_t> xidx_seg(R * K * I), sidx_seg(R * K * H);
   std::vector<Active> act_seg(R * K);
   for (int64_t k = 0; k < R * K; ++k) act_seg[k] = Active{xidx_seg.data() + k * I, sidx_seg.data() + k * H, 0, 0};
-  std::vector<int32_t> all_rows(H);
-  for (int64_t i = 0; i < H; ++i) all_rows[i] = int32_t(i);
   const T* dI_rows[kRowBlock];  // rows past nr stay zero
   for (int64_t r = 0; r < R; ++r) dI_rows[r] = dI.data() + r * Hp;
-  T* win_g = g.win_part + blk * I * Hp;
-  T* bias_g = g.bias_part + blk * Hp;
+  const bool sparse_in = a.xp == nullptr;  // else dW_in and db are GEMMs over g.dI afterwards
+  T* win_g = sparse_in ? g.win_part + blk * I * Hp : nullptr;
+  T* bias_g = sparse_in ? g.bias_part + blk * Hp : nullptr;
   T* wrec_g = g.wrec_part + blk * H * Hp;
-  std::fill(win_g, win_g + I * Hp, T(0));
-  std::fill(bias_g, bias_g + Hp, T(0));
+  if (sparse_in) {
+    std::fill(win_g, win_g + I * Hp, T(0));
+    std::fill(bias_g, bias_g + Hp, T(0));
+  }
   std::fill(wrec_g, wrec_g + H * Hp, T(0));
   for (int64_t r = 0; r < nr; ++r) {
     std::memcpy(du.data() + r * H, g.grad_u_T + (b0 + r) * H, H * sizeof(T));
@@ -193,15 +213,23 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
       std::memcpy(e, g.eta_ckpt + (c * B + b) * H, H * sizeof(T));
       for (int64_t t = t0; t < t1; ++t) {
         T* sp = s_seg.data() + (r * K + t - t0) * Hp;
-        if (t == 0) std::memcpy(sp, a.s0 + b * H, H * sizeof(T));
-        else if (BINARY) unpack_bits(g.bits + ((t - 1) * B + b) * W, H, sp);
-        else std::memcpy(sp, g.s_seq + ((t - 1) * B + b) * H, H * sizeof(T));
+        Active& act = act_seg[r * K + t - t0];
+        if (t == 0) {
+          std::memcpy(sp, a.s0 + b * H, H * sizeof(T));
+          act.ns = nonzero_index<ISA>(sp, H, act.s);
+        } else if (BINARY) {
+          const int32_t* bits = g.bits + ((t - 1) * B + b) * W;
+          unpack_bits<ISA>(bits, H, sp);
+          act.ns = bit_index(bits, W, act.s);
+        } else {
+          std::memcpy(sp, g.s_seq + ((t - 1) * B + b) * H, H * sizeof(T));
+          act.ns = nonzero_index<ISA>(sp, H, act.s);
+        }
         T* un = u + (t - t0 + 1) * H;
         T* en = e + (t - t0 + 1) * H;
         std::memcpy(un, un - H, H * sizeof(T));
         std::memcpy(en, en - H, H * sizeof(T));
-        layer_step<T, BINARY>(a, p, nrn, a.x + (t * B + b) * I, sp, sc, act_seg[r * K + t - t0], un, en,
-                              s_new.data());
+        layer_step<ISA, T, BINARY>(a, p, nrn, t * B + b, sp, sc, act, un, en, s_new.data());
       }
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
@@ -211,45 +239,35 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
         const T* e = e_seg.data() + (r * (K + 1) + j) * H;
         const T* sp = s_seg.data() + (r * K + j) * Hp;
         T* dIr = dI.data() + r * Hp;
-        backward_neurons<T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H, dIr,
+        backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H, dIr,
                                     ds.data() + r * H, du.data() + r * H, deta.data() + r * H,
                                     dalpha.data() + r * H, drho.data() + r * H);
-        // dW_in^T[k] += x_k dI over the nonzero inputs; db += dI; dW_rec^T[j] += s_j dI.
-        const T* xt = a.x + (t * B + b) * I;
+        // dW_rec^T[j] += s_j dI over the active neurons; for sparse inputs also dW_in^T[k] +=
+        // x_k dI over the nonzero inputs and db += dI.
         const Active& act = act_seg[r * K + j];
-        add_to_rows(win_g, Hp, act.x, act.nx, xt, dIr);
+        add_to_rows<ISA>(wrec_g, Hp, act.s, act.ns, sp, dIr);
+        if (sparse_in) {
+          add_to_rows<ISA>(win_g, Hp, act.x, act.nx, a.x + (t * B + b) * I, dIr);
 #pragma omp simd
-        for (int64_t i = 0; i < Hp; ++i) bias_g[i] += dIr[i];
-        add_to_rows(wrec_g, Hp, act.s, act.ns, sp, dIr);
-        if (g.grad_x != nullptr) {  // dL/dx_t = W_in^T dI_t: the rows of W_in scaled by dI_t
-          sum_rows<T, false>(a.win, a.Ip, all_rows.data(), H, dIr, nullptr, dx.data());
-          std::memcpy(g.grad_x + (t * B + b) * I, dx.data(), I * sizeof(T));
+          for (int64_t i = 0; i < Hp; ++i) bias_g[i] += dIr[i];
         }
+        if (g.dI != nullptr) std::memcpy(g.dI + (t * B + b) * H, dIr, H * sizeof(T));
       }
-      add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
+      add_wT_dI<ISA>(a.w, dI_rows, nr, H, Hp, ds.data());
     }
   }
   store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), g.grad_u0, g.grad_eta0,
                     g.grad_s0, g.dalpha_num, g.drho);
 }
 
-#define SRNN_LAYER_BWD(NAME, T, BINARY)                                                                     \
-  SRNN_CLONES void NAME(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n, \
-                        int64_t blk) {                                                                     \
-    layer_backward_block<T, BINARY>(a, g, p, n, blk);                                                      \
+template <typename T, bool BINARY>
+struct LayerBackward {
+  template <Isa ISA>
+  static void run(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n,
+                  int64_t blk_begin, int64_t blk_end) {
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) layer_backward_block<ISA, T, BINARY>(a, g, p, n, blk);
   }
-SRNN_LAYER_BWD(layer_bwd_f32_bin, float, true)
-SRNN_LAYER_BWD(layer_bwd_f32_relu, float, false)
-SRNN_LAYER_BWD(layer_bwd_f64_bin, double, true)
-SRNN_LAYER_BWD(layer_bwd_f64_relu, double, false)
-#undef SRNN_LAYER_BWD
-
-template <typename T>
-void layer_backward_any(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n,
-                        int64_t blk) {
-  if constexpr (std::is_same_v<T, float>) p.binary ? layer_bwd_f32_bin(a, g, p, n, blk) : layer_bwd_f32_relu(a, g, p, n, blk);
-  else p.binary ? layer_bwd_f64_bin(a, g, p, n, blk) : layer_bwd_f64_relu(a, g, p, n, blk);
-}
+};
 
 // ---------------------------------------------------------------------------------------
 // Host side: checks, padded weight copies, outputs.
@@ -292,14 +310,35 @@ at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t H, const a
   return out;
 }
 
+// The fraction of nonzero inputs above which the projection b + W_in x_t runs as one GEMM
+// over all steps (torch's BLAS) instead of inside the kernel over the nonzero inputs only.
+// Measured on the bench shapes (bench/RESULTS.md): the kernel's sparse sum costs about
+// (nonzeros x H) per step, three times (forward, recomputation, dW_in); the GEMMs cost I x H
+// per step three times too (x_proj forward and backward, dW_in), at higher throughput.
+constexpr double kDenseInput = 0.25;
+
+// Whether x counts as dense, from its first steps: a pure function of x, so forward and
+// backward decide alike, and cheap (the whole of x is not read).
+bool dense_input(const at::Tensor& x) {
+  const at::Tensor head = x.narrow(0, 0, std::min<int64_t>(x.size(0), 8));
+  return double(head.count_nonzero().item<int64_t>()) > kDenseInput * double(head.numel());
+}
+
+// x_proj [T, B, H] = x W_in^T + b: one GEMM over all steps.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
+  const at::Tensor x2 = x.reshape({x.size(0) * x.size(1), x.size(2)});
+  const at::Tensor xp = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, w_in.t()) : at::mm(x2, w_in.t());
+  return xp.view({x.size(0), x.size(1), w_in.size(0)});
+}
+
 template <typename T>
-LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& winT, const at::Tensor& win, const at::Tensor& b,
+LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& winT, const at::Tensor& b,
                         const at::Tensor& wT, const at::Tensor& w, const at::Tensor& u0, const at::Tensor& eta0,
                         const at::Tensor& s0, const LayerShape& sh, int64_t K) {
-  return LayerArgs<T>{x.data_ptr<T>(),  winT.data_ptr<T>(), win.defined() ? win.data_ptr<T>() : nullptr,
-                      b.data_ptr<T>(),  wT.data_ptr<T>(),   w.defined() ? w.data_ptr<T>() : nullptr,
+  return LayerArgs<T>{x.data_ptr<T>(),  xp.defined() ? xp.data_ptr<T>() : nullptr,
+                      winT.data_ptr<T>(), b.data_ptr<T>(), wT.data_ptr<T>(), w.defined() ? w.data_ptr<T>() : nullptr,
                       u0.data_ptr<T>(), eta0.data_ptr<T>(), s0.data_ptr<T>(),
-                      sh.T_, sh.B, sh.H, winT.size(1), sh.I, win.defined() ? win.size(1) : 0, K};
+                      sh.T_, sh.B, sh.H, winT.size(1), sh.I, K};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cpu(
@@ -319,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                opts.dtype(at::kInt));
   const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t()), bp = padded_bias(bias, H, opts);
   const at::Tensor wT = padded_rows(w_rec.t());
+  const at::Tensor xp = dense_input(xc) ? project(xc, w_in, bias) : at::Tensor();
   const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
   const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
   AT_DISPATCH_FLOATING_TYPES(w_rec.scalar_type(), "srnn_fast::layer_fwd", [&] {
@@ -327,11 +367,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_decay_values<T>(r_c, "rho", "tau_adp", true);
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m);
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
-    const LayerArgs<T> args = layer_args<T>(xc, winT, at::Tensor(), bp, wT, at::Tensor(), u0c, eta0c, s0c, sh, K);
+    const LayerArgs<T> args = layer_args<T>(xc, xp, winT, bp, wT, at::Tensor(), u0c, eta0c, s0c, sh, K);
     const LayerOut<T> out{s.data_ptr<T>(), u_T.data_ptr<T>(), eta_T.data_ptr<T>(),
                           K > 0 ? u_ckpt.data_ptr<T>() : nullptr, K > 0 ? eta_ckpt.data_ptr<T>() : nullptr,
                           K > 0 && binary ? bits.data_ptr<int32_t>() : nullptr};
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { layer_forward_any(args, out, p, nrn, begin, end); });
+    const Isa isa = active_isa();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      binary ? run_kernel<LayerForward<T, true>>(isa, args, out, p, nrn, begin, end)
+             : run_kernel<LayerForward<T, false>>(isa, args, out, p, nrn, begin, end);
+    });
   });
   return {s, u_T, eta_T, u_ckpt, eta_ckpt, bits};
 }
@@ -373,18 +417,24 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
 
   const auto opts = w_rec.options();
   const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor grad_x = need_grad_x ? new_output({T_, B, I}, opts) : at::Tensor();
+  at::Tensor grad_x = new_output(need_grad_x ? at::IntArrayRef{T_, B, I} : at::IntArrayRef{0}, opts);
   at::Tensor grad_w_in = new_output({H, I}, opts), grad_w_rec = new_output({H, H}, opts);
   at::Tensor grad_bias = new_output(has_bias ? at::IntArrayRef{H} : at::IntArrayRef{0}, opts);
   at::Tensor grad_alpha = new_output({H}, opts), grad_rho = new_output({H}, opts);
   at::Tensor grad_u0 = new_output({B, H}, opts), grad_eta0 = new_output({B, H}, opts);
   at::Tensor grad_s0 = new_output({B, H}, opts);
 
-  const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t()), win = padded_rows(w_in);
+  const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t());
   const at::Tensor bp = padded_bias(bias, H, opts), wT = padded_rows(w_rec.t()), w = padded_rows(w_rec);
   const int64_t Hp = wT.size(1), nblocks = (B + kRowBlock - 1) / kRowBlock;
+  // Dense inputs: x_proj by GEMM (as in forward), and dW_in, db from dI by GEMM afterwards.
+  const bool dense = dense_input(xc);
+  const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
+  // dI [T, B, H] for the GEMMs after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in.
+  const at::Tensor dI = dense || need_grad_x ? at::empty({T_, B, H}, opts) : at::Tensor();
   at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
-  at::Tensor win_part = at::empty({nblocks, I, Hp}, opts), bias_part = at::empty({nblocks, 1, Hp}, opts);
+  at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
+  at::Tensor bias_part = at::empty({dense ? 0 : nblocks, 1, Hp}, opts);
   at::Tensor wrec_part = at::empty({nblocks, H, Hp}, opts);
   const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), geT = grad_eta_T.contiguous();
   const at::Tensor uck = u_ckpt.contiguous(), eck = eta_ckpt.contiguous(), spk = spikes.contiguous();
@@ -396,24 +446,37 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
     check_decay_values<T>(r_c, "rho", "tau_adp", true);
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
-    const LayerArgs<T> args = layer_args<T>(xc, winT, win, bp, wT, w, u0c, eta0c, s0c, sh, K);
+    const LayerArgs<T> args = layer_args<T>(xc, xp, winT, bp, wT, w, u0c, eta0c, s0c, sh, K);
     double* dalpha_part = part.data_ptr<double>();
     double* drho_part = dalpha_part + B * H;
     const LayerGrads<T> g{gs.data_ptr<T>(), guT.data_ptr<T>(), geT.data_ptr<T>(), uck.data_ptr<T>(),
                           eck.data_ptr<T>(), binary ? spk.data_ptr<int32_t>() : nullptr,
-                          binary ? nullptr : spk.data_ptr<T>(), need_grad_x ? grad_x.data_ptr<T>() : nullptr,
+                          binary ? nullptr : spk.data_ptr<T>(), dI.defined() ? dI.data_ptr<T>() : nullptr,
                           grad_u0.data_ptr<T>(), grad_eta0.data_ptr<T>(), grad_s0.data_ptr<T>(), dalpha_part,
-                          drho_part, win_part.data_ptr<T>(), bias_part.data_ptr<T>(), wrec_part.data_ptr<T>()};
+                          drho_part, dense ? nullptr : win_part.data_ptr<T>(),
+                          dense ? nullptr : bias_part.data_ptr<T>(), wrec_part.data_ptr<T>()};
+    const Isa isa = active_isa();
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) layer_backward_any(args, g, p, nrn, blk);
+      binary ? run_kernel<LayerBackward<T, true>>(isa, args, g, p, nrn, begin, end)
+             : run_kernel<LayerBackward<T, false>>(isa, args, g, p, nrn, begin, end);
     });
     // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
     reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
-    reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
     reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
-    if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());
+    if (!dense) {
+      reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
+      if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());
+    }
   });
-  if (!need_grad_x) grad_x = at::empty({0}, opts);
+  const at::Tensor dI2 = dI.defined() ? dI.view({T_ * B, H}) : at::Tensor();
+  if (dense) {
+    at::mm_out(grad_w_in, dI2.t(), xc.view({T_ * B, I}));
+    if (has_bias) at::sum_out(grad_bias, dI2, {0});
+  }
+  if (need_grad_x) {
+    at::Tensor grad_x2 = grad_x.view({T_ * B, I});
+    at::mm_out(grad_x2, dI2, w_in);
+  }
   return {grad_x, grad_w_in, grad_bias, grad_w_rec, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }
 

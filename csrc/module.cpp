@@ -1,13 +1,67 @@
 // The srnn_fast:: op schemas (one definition; CPU and CUDA register implementations under
-// these names) and the Python module stub that lets `import srnn_fast._C` load them.
+// these names) and the Python module that lets `import srnn_fast._C` load them, with the
+// functions that report and force the CPU kernels' instruction set (cpu_isa.h).
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <exception>
+#include <string>
+
+#include "cpu_isa.h"
+
+namespace {
+
+// C++ errors become Python RuntimeErrors carrying the message alone (no C++ backtrace).
+PyObject* raise_runtime_error(const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  PyErr_SetString(PyExc_RuntimeError, c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
+  return nullptr;
+}
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(srnn::isa_name(srnn::active_isa()));
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+}
+
+PyObject* supported_cpu_capabilities(PyObject*, PyObject*) {
+  const auto isas = srnn::supported_isas();
+  PyObject* out = PyList_New(Py_ssize_t(isas.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < isas.size(); ++i) PyList_SET_ITEM(out, Py_ssize_t(i), PyUnicode_FromString(srnn::isa_name(isas[i])));
+  return out;
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  if (!PyUnicode_Check(arg)) {
+    PyErr_SetString(PyExc_TypeError, "set_cpu_capability expects a str: avx512, avx2 or default");
+    return nullptr;
+  }
+  try {
+    srnn::set_active_isa(PyUnicode_AsUTF8(arg));
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernels' build that runs: avx512, avx2 or default."},
+    {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
+     "The builds this CPU can run, best first."},
+    {"set_cpu_capability", set_cpu_capability, METH_O, "Forces a build (tests, benchmarks)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// Importing the module runs the static TORCH_LIBRARY registrations below; it holds no
-// Python functions of its own (the ops are reached through torch.ops.srnn_fast).
+// Importing the module runs the static TORCH_LIBRARY registrations below (the ops are
+// reached through torch.ops.srnn_fast); its Python functions say which CPU build runs.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

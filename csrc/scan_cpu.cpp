@@ -36,75 +36,64 @@ struct FwdArgs {
   int64_t T_, B, H, Hp;
 };
 
-template <typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, const Neurons<T>& nrn,
                               int64_t b_begin, int64_t b_end) {
   Params<T> p = params;
   p.binary = BINARY;  // a compile-time constant once inlined: the branch leaves the loop
-  const int64_t H = a.H, B = a.B, W = spike_words(H);
-  std::vector<T> u(H), eta(H), acc(a.Hp);
-  std::vector<int32_t> idx(H), words(W);
-  T* __restrict uu = u.data();
-  T* __restrict ee = eta.data();
-  const T* __restrict ac = acc.data();
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    std::memcpy(uu, a.u0 + b * H, H * sizeof(T));
-    std::memcpy(ee, a.eta0 + b * H, H * sizeof(T));
-    const T* s_prev = a.s0 + b * H;
-    int64_t n_active = nonzero_index(s_prev, H, idx.data());
-    bool unit = false;  // s0 is user state: multiply by its values
-    for (int64_t t = 0; t < a.T_; ++t) {
-      recurrent_input(a.wT, s_prev, idx.data(), n_active, unit, a.Hp, acc.data());
-      const int64_t off = (t * B + b) * H;
-      if (t + kPrefetchSteps < a.T_) {
-        const int64_t ahead = off + kPrefetchSteps * B * H;
-        prefetch_row(a.x + ahead, H * sizeof(T));
-        prefetch_row<true>(a.s + ahead, H * sizeof(T));
-        if (a.u_seq) prefetch_row<true>(a.u_seq + ahead, H * sizeof(T));
-      }
-      const T* __restrict xt = a.x + off;
-      const T* __restrict sp = s_prev;
-      T* __restrict st = a.s + off;
-      forward_neurons(p, nrn, H, xt, ac, sp, uu, ee, st);
-      if (a.u_seq) std::memcpy(a.u_seq + off, uu, H * sizeof(T));
-      s_prev = st;
-      if (BINARY) {  // the active set from the packed bits: cost grows with the spike count
-        pack_bits(st, H, words.data());
-        if (a.bits) std::memcpy(a.bits + (t * B + b) * W, words.data(), W * sizeof(int32_t));
-        n_active = 0;
-        for (int64_t w = 0; w < W; ++w)
-          for (uint32_t word = uint32_t(words[w]); word != 0; word &= word - 1)
-            idx[n_active++] = int32_t(w * 32 + __builtin_ctz(word));
-      } else {
-        n_active = nonzero_index(st, H, idx.data());
-      }
-      unit = BINARY;
+  const int64_t H = a.H, B = a.B, W = spike_words(H), R = kFwdRowBlock;
+  std::vector<T> u(R * H), eta(R * H), acc(a.Hp);
+  std::vector<int32_t> idx(R * H), words(W);
+  int64_t n_active[kFwdRowBlock];
+  const T* s_prev[kFwdRowBlock];
+  for (int64_t b0 = b_begin; b0 < b_end; b0 += R) {  // rows b0 .. b0 + nr - 1 in lockstep over t
+    const int64_t nr = std::min(R, b_end - b0);
+    std::memcpy(u.data(), a.u0 + b0 * H, nr * H * sizeof(T));
+    std::memcpy(eta.data(), a.eta0 + b0 * H, nr * H * sizeof(T));
+    for (int64_t r = 0; r < nr; ++r) {
+      s_prev[r] = a.s0 + (b0 + r) * H;
+      n_active[r] = nonzero_index<ISA>(s_prev[r], H, idx.data() + r * H);
     }
-    std::memcpy(a.u_T + b * H, uu, H * sizeof(T));
-    std::memcpy(a.eta_T + b * H, ee, H * sizeof(T));
+    for (int64_t t = 0; t < a.T_; ++t) {
+      const int64_t off0 = (t * B + b0) * H;  // the block's rows of step t are contiguous
+      if (t + kPrefetchSteps < a.T_) {
+        const int64_t ahead = off0 + kPrefetchSteps * B * H;
+        prefetch_row(a.x + ahead, nr * H * sizeof(T));
+        prefetch_row<true>(a.s + ahead, nr * H * sizeof(T));
+        if (a.u_seq) prefetch_row<true>(a.u_seq + ahead, nr * H * sizeof(T));
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        // s0 is user state (multiply by its values); later spikes are 0/1 (BINARY): sums.
+        recurrent_input<ISA>(a.wT, s_prev[r], idx.data() + r * H, n_active[r], BINARY && t > 0, a.Hp, acc.data());
+        const int64_t off = off0 + r * H;
+        T* __restrict uu = u.data() + r * H;
+        T* __restrict ee = eta.data() + r * H;
+        T* __restrict st = a.s + off;
+        forward_neurons(p, nrn, H, a.x + off, acc.data(), s_prev[r], uu, ee, st);
+        if (a.u_seq) std::memcpy(a.u_seq + off, uu, H * sizeof(T));
+        s_prev[r] = st;
+        if (BINARY) {  // the active set from the packed bits: cost grows with the spike count
+          pack_bits<ISA>(st, H, words.data());
+          if (a.bits) std::memcpy(a.bits + (t * B + b0 + r) * W, words.data(), W * sizeof(int32_t));
+          n_active[r] = bit_index(words.data(), W, idx.data() + r * H);
+        } else {
+          n_active[r] = nonzero_index<ISA>(st, H, idx.data() + r * H);
+        }
+      }
+    }
+    std::memcpy(a.u_T + b0 * H, u.data(), nr * H * sizeof(T));
+    std::memcpy(a.eta_T + b0 * H, eta.data(), nr * H * sizeof(T));
   }
 }
 
-// Entry points per dtype and neuron kind, compiled for several x86 vector widths and chosen
-// at load time (the build's flags target baseline x86-64; -ffp-contract=off holds in every
-// clone, so all clones round alike).
-#define SRNN_DEFINE_ROWS(NAME, IMPL, ARGS, T, BINARY)                                                   \
-  SRNN_CLONES void NAME(const ARGS<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) { \
-    IMPL<T, BINARY>(a, p, n, b, e);                                                                       \
+// The kernel of cpu_isa.h's run_kernel: built once per instruction set.
+template <typename T, bool BINARY>
+struct ScanForward {
+  template <Isa ISA>
+  static void run(const FwdArgs<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) {
+    forward_rows<ISA, T, BINARY>(a, p, n, b, e);
   }
-SRNN_DEFINE_ROWS(forward_f32_bin, forward_rows, FwdArgs, float, true)
-SRNN_DEFINE_ROWS(forward_f32_relu, forward_rows, FwdArgs, float, false)
-SRNN_DEFINE_ROWS(forward_f64_bin, forward_rows, FwdArgs, double, true)
-SRNN_DEFINE_ROWS(forward_f64_relu, forward_rows, FwdArgs, double, false)
-
-void forward_rows_any(const FwdArgs<float>& a, const Params<float>& p, const Neurons<float>& n, int64_t b,
-                      int64_t e) {
-  p.binary ? forward_f32_bin(a, p, n, b, e) : forward_f32_relu(a, p, n, b, e);
-}
-void forward_rows_any(const FwdArgs<double>& a, const Params<double>& p, const Neurons<double>& n, int64_t b,
-                      int64_t e) {
-  p.binary ? forward_f64_bin(a, p, n, b, e) : forward_f64_relu(a, p, n, b, e);
-}
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd_cpu(
     const at::Tensor& x_proj, const at::Tensor& w_rec, const at::Tensor& alpha, const at::Tensor& rho,
@@ -145,7 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd_
                           s0c.data_ptr<T>(), s.data_ptr<T>(), u_T.data_ptr<T>(), eta_T.data_ptr<T>(),
                           save ? u_seq.data_ptr<T>() : nullptr,
                           save && binary ? bits.data_ptr<int32_t>() : nullptr, T_, B, H, Hp};
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { forward_rows_any(args, p, nrn, begin, end); });
+    const Isa isa = active_isa();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      binary ? run_kernel<ScanForward<T, true>>(isa, args, p, nrn, begin, end)
+             : run_kernel<ScanForward<T, false>>(isa, args, p, nrn, begin, end);
+    });
   });
   return {s, u_T, eta_T, u_seq, bits};
 }
@@ -176,7 +169,7 @@ struct BwdArgs {
 };
 
 
-template <typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, const Neurons<T>& nrn,
                                int64_t b_begin, int64_t b_end) {
   Params<T> p = params;
@@ -191,7 +184,7 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
     if (t == 1) return a.s0 + b * H;
     const int64_t off = (t - 2) * B + b;
     if (!BINARY) return a.s_seq + off * H;
-    unpack_bits(a.bits + off * W, H, buf);
+    unpack_bits<ISA>(a.bits + off * W, H, buf);
     return buf;
   };
   for (int64_t b0 = b_begin; b0 < b_end; b0 += R) {
@@ -236,31 +229,25 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
         T* __restrict ds_r = ds.data() + r * H;
         double* __restrict da_r = dalpha.data() + r * H;
         double* __restrict dr_r = drho.data() + r * H;
-        backward_neurons<T, BINARY>(p, nrn, H, sg.data(), u_prev, u_cur, e_prev, e_cur, sp, gs, dI, ds_r, du_r,
+        backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u_prev, u_cur, e_prev, e_cur, sp, gs, dI, ds_r, du_r,
                                     deta_r, da_r, dr_r);
       }
       const T* dI_rows[kRowBlock];
       for (int64_t r = 0; r < R; ++r) dI_rows[r] = r < nr ? a.grad_x + ((t - 1) * B + b0 + r) * H : zeros.data();
-      add_wT_dI(a.w, dI_rows, nr, H, Hp, ds.data());
+      add_wT_dI<ISA>(a.w, dI_rows, nr, H, Hp, ds.data());
     }
     store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), a.grad_u0,
                       a.grad_eta0, a.grad_s0, a.dalpha_num, a.drho);
   }
 }
 
-SRNN_DEFINE_ROWS(backward_f32_bin, backward_rows, BwdArgs, float, true)
-SRNN_DEFINE_ROWS(backward_f32_relu, backward_rows, BwdArgs, float, false)
-SRNN_DEFINE_ROWS(backward_f64_bin, backward_rows, BwdArgs, double, true)
-SRNN_DEFINE_ROWS(backward_f64_relu, backward_rows, BwdArgs, double, false)
-#undef SRNN_DEFINE_ROWS
-void backward_rows_any(const BwdArgs<float>& a, const Params<float>& p, const Neurons<float>& n, int64_t b,
-                       int64_t e) {
-  p.binary ? backward_f32_bin(a, p, n, b, e) : backward_f32_relu(a, p, n, b, e);
-}
-void backward_rows_any(const BwdArgs<double>& a, const Params<double>& p, const Neurons<double>& n, int64_t b,
-                       int64_t e) {
-  p.binary ? backward_f64_bin(a, p, n, b, e) : backward_f64_relu(a, p, n, b, e);
-}
+template <typename T, bool BINARY>
+struct ScanBackward {
+  template <Isa ISA>
+  static void run(const BwdArgs<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) {
+    backward_rows<ISA, T, BINARY>(a, p, n, b, e);
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd_cpu(
     const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& w_rec,
@@ -309,8 +296,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           grad_x.data_ptr<T>(), grad_u0.data_ptr<T>(), grad_eta0.data_ptr<T>(),
                           grad_s0.data_ptr<T>(), dalpha_part, drho_part, T_, B, H, Hp};
     // Blocks of whole kRowBlock rows per task, so the W^T dI products are shared.
+    const Isa isa = active_isa();
     at::parallel_for(0, (B + kRowBlock - 1) / kRowBlock, 1, [&](int64_t begin, int64_t end) {
-      backward_rows_any(args, p, nrn, begin * kRowBlock, std::min(B, end * kRowBlock));
+      const int64_t b_begin = begin * kRowBlock, b_end = std::min(B, end * kRowBlock);
+      binary ? run_kernel<ScanBackward<T, true>>(isa, args, p, nrn, b_begin, b_end)
+             : run_kernel<ScanBackward<T, false>>(isa, args, p, nrn, b_begin, b_end);
     });
     reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
   });

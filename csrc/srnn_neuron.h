@@ -53,8 +53,9 @@ SRNN_HD Decay<T> make_decay(T alpha, T rho, T r_m) {
 SRNN_HD float exp_t(float x) { return expf(x); }
 SRNN_HD double exp_t(double x) { return exp(x); }
 
-template <typename T>
-SRNN_HD T threshold(const Params<T>& p, T eta) { return p.b0 + p.beta * eta; }
+// V is T, or (CPU) a vector of T: the same expression lane by lane.
+template <typename T, typename V>
+SRNN_HD V threshold(const Params<T>& p, V eta) { return p.b0 + p.beta * eta; }
 
 // One forward step. In: u = u_{t-1}, eta = eta_{t-1}, s_prev, current = I_t.
 // Out: u = u_t, eta = eta_t; returns s_t.
@@ -75,20 +76,27 @@ struct LibmExp {
   SRNN_HD T operator()(T x) const { return exp_t(x); }
 };
 
-template <typename T, typename Exp = LibmExp>
-SRNN_HD T normal_pdf(T x, T mu, T sigma, Exp exp_fn = Exp()) {
-  const T z = x - mu;
+template <typename T, typename V, typename Exp>
+SRNN_HD V normal_pdf(V x, T mu, T sigma, Exp exp_fn) {
+  const V z = x - mu;
   return exp_fn(-(z * z) / (T(2) * sigma * sigma)) * (T(0.3989422804014327) / sigma);
 }
 
-// d s_t / d v_t at v = u_t - theta_t: the surrogate for binary neurons, the step for relu.
-template <typename T, typename Exp = LibmExp>
-SRNN_HD T spike_grad(const Params<T>& p, T v, Exp exp_fn = Exp()) {
-  if (!p.binary) return v > T(0) ? T(1) : T(0);
+// The surrogate d s_t / d v_t of binary neurons at v = u_t - theta_t. V is T, or (CPU) a
+// vector of T, computed lane by lane with the same operations.
+template <typename T, typename V, typename Exp>
+SRNN_HD V surrogate_grad(const Params<T>& p, V v, Exp exp_fn) {
   if (p.surrogate == kGaussian) return p.gamma * normal_pdf(v, T(0), p.sigma, exp_fn);
   const T wide = T(6) * p.sigma;
   return p.gamma * (T(1.15) * normal_pdf(v, T(0), p.sigma, exp_fn) - T(0.15) * normal_pdf(v, p.sigma, wide, exp_fn) -
                     T(0.15) * normal_pdf(v, -p.sigma, wide, exp_fn));
+}
+
+// d s_t / d v_t: the surrogate for binary neurons, the step for relu.
+template <typename T, typename Exp = LibmExp>
+SRNN_HD T spike_grad(const Params<T>& p, T v, Exp exp_fn = Exp()) {
+  if (!p.binary) return v > T(0) ? T(1) : T(0);
+  return surrogate_grad(p, v, exp_fn);
 }
 
 // What one backward step hands to the caller.

@@ -1,8 +1,8 @@
 """srnn_fast: adaptive spiking recurrent neural networks with fused whole-sequence kernels."""
 from ._checks import SRNNState
 from .modules import AdaptiveSRNN, SRNNLayer
-from .scan import BackendUnavailableError, available_backends, srnn_scan
+from .scan import BackendUnavailableError, available_backends, cpu_capability, srnn_scan
 
 __all__ = ["SRNNState", "SRNNLayer", "AdaptiveSRNN", "srnn_scan", "available_backends",
-           "BackendUnavailableError"]
+           "BackendUnavailableError", "cpu_capability"]
 __version__ = "0.1.0"

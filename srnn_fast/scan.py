@@ -145,6 +145,17 @@ def available_backends() -> list:
     return names + ["reference"]
 
 
+def cpu_capability() -> str:
+    """The instruction set of the CPU kernels that run: "avx512", "avx2" or "default" (the
+    portable build). The best this CPU supports unless SRNN_FAST_CPU_CAPABILITY (read once,
+    at first use) forces a lower one; a value this CPU cannot run raises RuntimeError naming
+    what it can. Raises BackendUnavailableError when the extension is not built."""
+    _load_cpp()
+    from . import _C
+
+    return _C.cpu_capability()
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The one place that decides which implementation runs a scan."""
     backend = check_backend(backend)

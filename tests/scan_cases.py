@@ -5,6 +5,8 @@ Every backend test (cpp, cuda, triton) builds cases with ``make_case`` and compa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from srnn_fast import SRNNState, srnn_scan
@@ -25,6 +27,43 @@ FLOAT32_TOL = {
     "grad_rel_err": 1e-4,
 }
 FLOAT64_RTOL = 1e-9
+
+
+def cpu_capabilities() -> list:
+    """The builds of the CPU kernels this machine can run (srnn_fast.cpu_capability()); the
+    exactness and tolerance suites run every one of them."""
+    from srnn_fast import _ops
+
+    if _ops.EXTENSION_ERROR is not None:
+        return []
+    from srnn_fast import _C
+
+    return _C.supported_cpu_capabilities()
+
+
+@contextlib.contextmanager
+def cpu_capability(name: str):
+    """Runs the CPU kernels' ``name`` build inside the block."""
+    from srnn_fast import _C
+
+    previous = _C.cpu_capability()
+    _C.set_cpu_capability(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_capability(previous)
+
+
+def check_each_cpu_capability(run_fn, check):
+    """check(run_fn()) with run_fn run on each build of the CPU kernels; a failure names the
+    build. The reference a check compares with is computed once, outside."""
+    for name in cpu_capabilities():
+        with cpu_capability(name):
+            got = run_fn()
+        try:
+            check(got)
+        except AssertionError as e:
+            raise AssertionError(f"[cpu capability {name}] {e}") from None
 
 
 def case_id(T, B, H, dtype, neuron="adaptive", surrogate="gaussian") -> str:

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import run as bench  # noqa: E402
+import srnn_fast  # noqa: E402
 
 
 def test_quick_run(tmp_path):
@@ -19,10 +20,29 @@ def test_quick_run(tmp_path):
     assert set(rows) == {"cpp", "reference", "compiled_step", "compiled_reference", "lstm", "gru", "rnn"} | installed
     for name in ("cpp", "reference", "lstm", "gru", "rnn"):
         assert rows[name]["fwd_ms"] > 0 and rows[name]["fwd_bwd_ms"] > 0 and rows[name]["saved_bytes"] > 0, name
-    assert "skipped" in rows["compiled_reference"]["note"] and "skipped" in rows["compiled_step"]["note"]
+    assert "--compile" in rows["compiled_reference"]["note"] and "--compile" in rows["compiled_step"]["note"]
+    meta = report["meta"]
+    assert meta["cpu_capability"] == srnn_fast.cpu_capability() and meta["cpu_model"]
+    assert meta["cpu_capabilities_run"] == [meta["cpu_capability"]]
     peers = {r["peer"] for r in report["ratios"] if r["fused"] == "cpp"}
     assert peers == {"reference", "lstm", "gru", "rnn"} | installed
     assert "| ecg | cpp |" in (tmp_path / "results.md").read_text()
+
+
+def test_every_cpu_build_and_the_scan_alone(tmp_path):
+    """--cpu-capability all: one cpp contender per build, each against the same reference;
+    --scan times the srnn_scan op (x_proj given) instead of the layer stacks."""
+    from scan_cases import cpu_capabilities
+
+    assert bench.main(["--quick", "--shapes", "ecg", "--device", "cpu", "--backends", "cpp,reference",
+                       "--cpu-capability", "all", "--scan", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    names = [f"cpp-{c}" for c in cpu_capabilities()]
+    assert set(report["results"]["ecg"]) == set(names) | {"reference"}
+    assert {r["fused"] for r in report["ratios"]} == set(names)
+    assert report["meta"]["what"] == "srnn_scan op" and report["meta"]["cpu_capabilities_run"] == cpu_capabilities()
+    with pytest.raises(SystemExit, match="not among the builds"):
+        bench.main(["--quick", "--cpu-capability", "avx1024", "--out", str(tmp_path)])
 
 
 def test_fused_backends_on_cpu_exclude_the_triton_interpreter():

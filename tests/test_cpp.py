@@ -1,4 +1,5 @@
-"""The "cpp" backend (csrc/scan_cpu.cpp) against the reference: SPEC section 4 on the CPU.
+"""The "cpp" backend (csrc/scan_cpu.cpp) against the reference: SPEC section 4 on the CPU,
+on every build of the CPU kernels this machine runs (avx512, avx2, default; cpu_isa.h).
 
 Every test here runs with SRNN_FAST_POISON=1, so the op fills its outputs with NaN (spike
 words with all bits set) before the kernels write them: an element a kernel forgets to
@@ -7,8 +8,8 @@ write shows up as NaN, or as a spurious spike, and fails check_float64 / check_f
 import pytest
 import torch
 
-from scan_cases import (FLOAT32_TOL, check_float32, check_float64, fused, make_case, reference,
-                        rel_err)
+from scan_cases import (FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64, fused, make_case,
+                        reference, rel_err)
 
 NEURONS = ["adaptive", "lif", "relu"]
 SURROGATES = ["gaussian", "multi_gaussian"]
@@ -28,7 +29,8 @@ def test_float64_matches_reference(T, B, H, neuron, surrogate):
     for seed in (0, 1, 2):
         inputs, upstream = make_case(T, B, H, seed=seed, noncontiguous=seed == 1)
         kw = dict(neuron=neuron, surrogate=surrogate)
-        check_float64(fused(inputs, upstream, "cpp", **kw), reference(inputs, upstream, **kw))
+        ref = reference(inputs, upstream, **kw)
+        check_each_cpu_capability(lambda: fused(inputs, upstream, "cpp", **kw), lambda got: check_float64(got, ref))
 
 
 @pytest.mark.parametrize("neuron", NEURONS)
@@ -37,14 +39,16 @@ def test_float64_other_scalars(neuron):
     inputs, upstream = make_case(19, 3, 29, seed=3)
     kw = dict(neuron=neuron, b0=0.05, beta=0.7, dt=0.5, r_m=1.7, sigma=0.3, gamma=0.8,
               surrogate="multi_gaussian")
-    check_float64(fused(inputs, upstream, "cpp", **kw), reference(inputs, upstream, **kw))
+    ref = reference(inputs, upstream, **kw)
+    check_each_cpu_capability(lambda: fused(inputs, upstream, "cpp", **kw), lambda got: check_float64(got, ref))
 
 
 def test_float64_real_valued_initial_spikes():
     """s0 is user state and may be any real value; the first step multiplies by it."""
     inputs, upstream = make_case(11, 4, 21, seed=4)
     inputs["s0"] = torch.rand(4, 21, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 0.5
-    check_float64(fused(inputs, upstream, "cpp"), reference(inputs, upstream))
+    ref = reference(inputs, upstream)
+    check_each_cpu_capability(lambda: fused(inputs, upstream, "cpp"), lambda got: check_float64(got, ref))
 
 
 def test_float64_default_state():
@@ -76,7 +80,8 @@ def test_float32_against_float64(T, B, H, neuron):
     inputs, upstream = make_case(T, B, H, seed=7)
     ref = reference(inputs, upstream, neuron=neuron)
     f32 = lambda d: {k: v.float() for k, v in d.items()}  # noqa: E731
-    check_float32(fused(f32(inputs), f32(upstream), "cpp", neuron=neuron), ref)
+    check_each_cpu_capability(lambda: fused(f32(inputs), f32(upstream), "cpp", neuron=neuron),
+                              lambda got: check_float32(got, ref))
 
 
 def test_low_precision_input():

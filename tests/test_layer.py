@@ -1,6 +1,8 @@
 """The fused layer ops (srnn_fast::layer_fwd / layer_bwd, CPU): input projection and
 recurrence in one kernel, checkpointed backward. Held to the scan's rules (spec section 4)
-against the reference path F.linear + srnn_scan_ref."""
+against the reference path F.linear + srnn_scan_ref, on every build of the CPU kernels this
+machine runs, with sparse inputs (projection summed in the kernel) and dense ones (one GEMM;
+kDenseInput in csrc/layer_cpu.cpp: more than 25 % nonzero in the first steps)."""
 import os
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import srnn_fast
 from srnn_fast import SRNNState
 from srnn_fast.layer import CKPT_EVERY, srnn_layer
-from scan_cases import FLOAT32_TOL, check_float32, check_float64
+from scan_cases import FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64
 
 pytestmark = pytest.mark.skipif("cpp" not in srnn_fast.available_backends(), reason="extension not built")
 
@@ -52,49 +54,53 @@ def run_layer(inputs, upstream, backend, x_grad=True, noncontiguous=False, **kw)
     return out
 
 
-SHAPES = [(1, 1, 1, 1), (CKPT_EVERY - 1, 3, 5, 17), (CKPT_EVERY, 4, 3, 33), (CKPT_EVERY + 1, 5, 8, 36),
-          (97, 6, 20, 70), (211, 2, 700, 40)]
+# T, B, I, H, input density: sparse (< 25 % nonzero) and dense cases alternate.
+SHAPES = [(1, 1, 1, 1, 1.0), (CKPT_EVERY - 1, 3, 5, 17, 0.1), (CKPT_EVERY, 4, 3, 33, 0.6),
+          (CKPT_EVERY + 1, 5, 8, 36, 0.15), (97, 6, 20, 70, 0.4), (211, 2, 700, 40, 0.05)]
 
 
-@pytest.mark.parametrize("T,B,I,H", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("T,B,I,H,density", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("neuron,surrogate", [("adaptive", "gaussian"), ("adaptive", "multi_gaussian"),
                                               ("lif", "multi_gaussian"), ("relu", "gaussian")])
-def test_float64_matches_reference(T, B, I, H, neuron, surrogate):
-    inputs, upstream = make_layer_case(T, B, I, H, seed=T + H)
-    got = run_layer(inputs, upstream, "cpp", neuron=neuron, surrogate=surrogate)
+def test_float64_matches_reference(T, B, I, H, density, neuron, surrogate):
+    inputs, upstream = make_layer_case(T, B, I, H, seed=T + H, density=density)
     ref = run_layer(inputs, upstream, "reference", neuron=neuron, surrogate=surrogate)
     if neuron != "relu" and T > 1:
         rate = float((ref["s"] != 0).double().mean())
         assert 0.02 < rate < 0.9, f"firing rate {rate}: the case would not test much"
-    check_float64(got, ref)
+    check_each_cpu_capability(lambda: run_layer(inputs, upstream, "cpp", neuron=neuron, surrogate=surrogate),
+                              lambda got: check_float64(got, ref))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_float64_seeds_dense_input_no_bias_noncontiguous(seed):
     inputs, upstream = make_layer_case(70, 5, 9, 45, seed=seed, density=1.0, bias=False)
-    got = run_layer(inputs, upstream, "cpp", noncontiguous=True)
     ref = run_layer(inputs, upstream, "reference")
-    assert "grad_bias" not in got
-    check_float64(got, ref)
+    assert "grad_bias" not in ref
+    check_each_cpu_capability(lambda: run_layer(inputs, upstream, "cpp", noncontiguous=True),
+                              lambda got: check_float64(got, ref))
 
 
 def test_float64_input_without_grad():
     """A first layer's x needs no gradient: the kernel skips dL/dx."""
-    inputs, upstream = make_layer_case(50, 4, 12, 30, seed=5)
-    got = run_layer(inputs, upstream, "cpp", x_grad=False)
-    ref = run_layer(inputs, upstream, "reference", x_grad=False)
-    assert "grad_x" not in got
-    check_float64(got, ref)
+    for density in (0.1, 0.5):  # the sparse and the dense (GEMM) projection
+        inputs, upstream = make_layer_case(50, 4, 12, 30, seed=5, density=density)
+        ref = run_layer(inputs, upstream, "reference", x_grad=False)
+        assert "grad_x" not in ref
+        check_each_cpu_capability(lambda: run_layer(inputs, upstream, "cpp", x_grad=False),
+                                  lambda got: check_float64(got, ref))
 
 
-@pytest.mark.parametrize("T,B,I,H", [(1301, 4, 4, 36), (250, 4, 700, 128)], ids=["ecg", "shd"])
+@pytest.mark.parametrize("T,B,I,H,density", [(1301, 4, 4, 36, 0.05), (250, 4, 700, 128, 0.05), (300, 4, 80, 120, 1.0)],
+                         ids=["ecg", "shd", "dense"])
 @pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
-def test_float32_against_float64(T, B, I, H, neuron):
-    inputs, upstream = make_layer_case(T, B, I, H, seed=7, density=0.05)
+def test_float32_against_float64(T, B, I, H, density, neuron):
+    inputs, upstream = make_layer_case(T, B, I, H, seed=7, density=density)
     ref64 = run_layer(inputs, upstream, "reference", neuron=neuron)
-    got = run_layer({k: None if v is None else v.float() for k, v in inputs.items()},
-                    {k: v.float() for k, v in upstream.items()}, "cpp", neuron=neuron)
-    check_float32(got, ref64, FLOAT32_TOL)
+    f32 = {k: None if v is None else v.float() for k, v in inputs.items()}
+    check_each_cpu_capability(lambda: run_layer(f32, {k: v.float() for k, v in upstream.items()}, "cpp",
+                                                neuron=neuron),
+                              lambda got: check_float32(got, ref64, FLOAT32_TOL))
 
 
 def test_poisoned_outputs_are_all_written(monkeypatch):
