@@ -5,7 +5,9 @@ What is timed, for every contender alike: the whole recurrent layer stack of the
 layer's input projection over all steps plus its recurrence; no readout), on the same
 inputs, float32. "fwd" runs under torch.no_grad() (the fused backends' inference path);
 "fwd+bwd" is a forward with grad plus backward of <output, fixed random gradient>. Times are
-medians of --repeats calls after --warmup calls, device-synchronized.
+medians of --repeats calls after --warmup calls, device-synchronized, after one untimed first
+call of each; a contender whose first calls took over SLOW_CALL_S gets at most 3 timed calls
+and no further warm-up (results.json records "repeats").
 
 Memory: "saved" is what autograd keeps for backward during the fwd+bwd forward (every saved
 tensor, once per storage), beyond the input and the parameters, which exist anyway (for
@@ -250,6 +252,12 @@ def capability_of(contender: str):
         _C.set_cpu_capability(previous)
 
 
+# Contenders whose first forward + forward-backward take longer than this get at most 3
+# timed calls and no warm-up beyond those first calls: it keeps the main job within 3 min
+# on a 2-core machine (the S-MNIST shape's reference, RNNs and peers take seconds per call).
+SLOW_CALL_S = 1.0
+
+
 def measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool = False) -> dict:
     with capability_of(contender):
         return _measure(contender, shape, device, repeats, warmup, scan)
@@ -272,9 +280,11 @@ def _measure(contender: str, shape: dict, device, repeats: int, warmup: int, sca
     t0 = time.perf_counter()
     fwd(), fwd_bwd()  # first calls (compiles for torch.compile), outside the timings
     first_s = time.perf_counter() - t0
+    if first_s > SLOW_CALL_S:  # the first calls warmed up; a median of 3 s-long calls is stable
+        repeats, warmup = min(repeats, 3), 0
     res = {"fwd_ms": 1e3 * median_time(fwd, device, repeats, warmup),
            "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, device, repeats, warmup, clear),
-           "first_call_s": first_s}
+           "first_call_s": first_s, "repeats": repeats}
     clear()
     res["saved_bytes"] = saved_bytes(lambda: model(x), exclude=[x, *model.parameters()])
     if device.type == "cuda":
@@ -397,7 +407,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-capability", default=None,
                    help="build(s) of the CPU kernels for the cpp backend: avx512, avx2, default, a comma list, or all "
                         "(default: the one srnn_fast.cpu_capability() picks)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5, quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5, quick 2; at most 3 for contenders whose first calls took over 1 s)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile-timeout", type=float, default=240.0,

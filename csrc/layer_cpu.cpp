@@ -324,10 +324,36 @@ bool dense_input(const at::Tensor& x) {
   return double(head.count_nonzero().item<int64_t>()) > kDenseInput * double(head.numel());
 }
 
-// x_proj [T, B, H] = x W_in^T + b: one GEMM over all steps.
+// Scratch buffers of the dense-input path (x_proj, dI: [T, B, H], used within one op call),
+// kept by the calling thread for its next call. A fresh buffer that size comes from mmap and
+// goes back to the OS when freed (glibc), so every call paid a page fault and a zeroed page
+// per 4 KB: a third of the S-MNIST stack's time (bench/RESULTS.md). Buffers over
+// kScratchMaxBytes are not kept (memory held stays bounded: at most 2 x that per thread).
+enum Scratch { kScratchXProj = 0, kScratchDI = 1 };
+constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
+
+at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  thread_local at::Tensor kept[2];
+  const int64_t numel = c10::multiply_integers(sizes);
+  if (numel * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes) return at::empty(sizes, opts);
+  at::Tensor& buf = kept[slot];
+  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < numel) {
+    buf = at::Tensor();  // free the old one first
+    buf = at::empty({numel}, opts);
+  }
+  at::Tensor out = buf.narrow(0, 0, numel).view(sizes);
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // stale values must not count
+  return out;
+}
+
+// x_proj [T, B, H] = x W_in^T + b: one GEMM over all steps, into the x_proj scratch buffer.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
   const at::Tensor x2 = x.reshape({x.size(0) * x.size(1), x.size(2)});
-  const at::Tensor xp = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, w_in.t()) : at::mm(x2, w_in.t());
+  at::Tensor xp = scratch(kScratchXProj, {x.size(0) * x.size(1), w_in.size(0)}, w_in.options());
+  if (bias.has_value() && bias->defined())
+    at::addmm_out(xp, *bias, x2, w_in.t());
+  else
+    at::mm_out(xp, x2, w_in.t());
   return xp.view({x.size(0), x.size(1), w_in.size(0)});
 }
 
@@ -431,7 +457,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const bool dense = dense_input(xc);
   const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
   // dI [T, B, H] for the GEMMs after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in.
-  const at::Tensor dI = dense || need_grad_x ? at::empty({T_, B, H}, opts) : at::Tensor();
+  const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts) : at::Tensor();
   at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
   at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
   at::Tensor bias_part = at::empty({dense ? 0 : nblocks, 1, Hp}, opts);
