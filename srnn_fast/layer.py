@@ -81,7 +81,7 @@ def srnn_layer(x, w_in, bias, w_rec, tau_m, tau_adp, state=None, *, neuron="adap
     bias [H] or None; the rest as ``srnn_scan``. Returns s [T, B, H] and the final state."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be [T, B, I]; got {describe(x) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, w_rec)
     fused = (has_fused_layer(name, x.device) and x.dtype == w_rec.dtype == w_in.dtype
              and (bias is None or bias.dtype == w_rec.dtype))
     if not fused:  # the projection GEMM, then the backend's scan (which checks everything)

@@ -24,7 +24,7 @@ sums dI rows over the active columns, straight from the bits).
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -113,16 +113,25 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_fits(w_rec: torch.Tensor) -> bool:
+    from .triton_kernels.ops import MAX_H  # only asked once the backend loaded
+
+    return w_rec.shape[0] <= MAX_H.get(w_rec.dtype, 0)
+
+
 class Backend(NamedTuple):
     name: str
     device_types: Callable[[], tuple]  # where it can run, evaluated lazily
     load: Callable[[], Kernels]
+    # Whether its kernels take a layer of this w_rec (size, dtype): "auto" passes over a
+    # backend that would refuse it, an explicit request gets that backend's clear error.
+    fits: Callable[[torch.Tensor], bool] = lambda w_rec: True
 
 
 # Fastest first: the order "auto" tries them in.
 BACKEND_TABLE = (
     Backend("cuda", lambda: ("cuda",), _load_cuda),
-    Backend("triton", lambda: ("cuda", "cpu") if _triton_interpreted() else ("cuda",), _load_triton),
+    Backend("triton", lambda: ("cuda", "cpu") if _triton_interpreted() else ("cuda",), _load_triton, _triton_fits),
     Backend("cpp", lambda: ("cpu",), _load_cpp),
 )
 _AUTO_SKIPS_ON_CPU = ("triton",)  # the interpreter is for testing, never picked by "auto"
@@ -156,8 +165,9 @@ def cpu_capability() -> str:
     return _C.cpu_capability()
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The one place that decides which implementation runs a scan."""
+def resolve_backend(backend: str, device: torch.device, w_rec: Optional[torch.Tensor] = None) -> str:
+    """The one place that decides which implementation runs a scan. With ``w_rec`` given,
+    "auto" only picks a backend whose kernels take a layer of its size and dtype."""
     backend = check_backend(backend)
     if backend == "reference":
         return backend
@@ -165,7 +175,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         for b in BACKEND_TABLE:
             if device.type == "cpu" and b.name in _AUTO_SKIPS_ON_CPU:
                 continue
-            if _usable(b, device.type):
+            if _usable(b, device.type) and (w_rec is None or b.fits(w_rec)):
                 return b.name
         return "reference"
     entry = next(b for b in BACKEND_TABLE if b.name == backend)
@@ -231,7 +241,7 @@ def srnn_scan(x_proj, w_rec, tau_m, tau_adp, state=None, *, neuron="adaptive", b
     """
     state = check_scan_args(x_proj, w_rec, tau_m, tau_adp, state)
     cfg = check_config(neuron, b0, beta, dt, r_m, surrogate, sigma, gamma)
-    name = resolve_backend(backend, x_proj.device)
+    name = resolve_backend(backend, x_proj.device, w_rec)
     if name == "reference":
         return srnn_scan_ref(x_proj, w_rec, tau_m, tau_adp, state, neuron=neuron, b0=b0, beta=beta, dt=dt,
                              r_m=r_m, surrogate=surrogate, sigma=sigma, gamma=gamma)

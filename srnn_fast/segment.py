@@ -518,7 +518,7 @@ def _backend_of(model) -> str:
     layers = [m for m in model.modules() if isinstance(m, SRNNLayer)]
     if not layers:
         return "torch"  # a baseline: torch's own RNN kernels
-    return resolve_backend(layers[0].backend, layers[0].w_rec.device)
+    return resolve_backend(layers[0].backend, layers[0].w_rec.device, layers[0].w_rec)
 
 
 def _throughput(seconds: float, steps: int, duration_s: float) -> dict:

@@ -165,3 +165,13 @@ def test_grad_w_rec_matches_gemm():
         torch.ops.srnn_fast.grad_w_rec(grad_x, bits[..., :2], s0)
     with pytest.raises(RuntimeError, match=r"grad_x must be \[T, B, H\]"):
         torch.ops.srnn_fast.grad_w_rec(grad_x[:, :, :-1], bits, s0)
+
+
+def test_auto_passes_over_a_backend_that_cannot_take_the_layer(monkeypatch):
+    """"auto" asks each backend whether it takes w_rec's size and dtype (triton: H <= 128 in
+    float32) and goes on to the next one instead of failing in the kernel's H check."""
+    cpu = torch.device("cpu")
+    small_only = scan.Backend("small", lambda: ("cpu",), lambda: None, lambda w_rec: w_rec.shape[0] <= 8)
+    monkeypatch.setattr(scan, "BACKEND_TABLE", (small_only,) + scan.BACKEND_TABLE)
+    assert scan.resolve_backend("auto", cpu, torch.zeros(8, 8)) == "small"
+    assert scan.resolve_backend("auto", cpu, torch.zeros(9, 9)) in ("cpp", "reference")

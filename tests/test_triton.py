@@ -327,3 +327,14 @@ def test_compile_check_fails_on_a_violation(monkeypatch, capsys, shared, spill):
     problem = "shared memory 232449 > 232448" if shared > 1000 else "8 bytes of register spills"
     assert e.value.code not in (None, 0) and problem in str(e.value.code)
     assert capsys.readouterr().out.count(problem) == 4  # the table marks every row
+
+
+@needs_triton
+def test_auto_only_picks_triton_for_layers_it_takes():
+    from srnn_fast.scan import _triton_fits
+    from srnn_fast.triton_kernels.ops import MAX_H
+
+    for dtype, limit in MAX_H.items():
+        assert _triton_fits(torch.zeros(limit, limit, dtype=dtype))
+        assert not _triton_fits(torch.zeros(limit + 1, limit + 1, dtype=dtype))
+    assert not _triton_fits(torch.zeros(8, 8, dtype=torch.float16))
