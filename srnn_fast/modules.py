@@ -13,6 +13,10 @@ from .scan import srnn_scan
 READOUTS = ("integrator", "spiking", "membrane")
 DECODERS = ("count", "last", "max", "mean", "per_step")
 INIT_STATES = ("uniform", "zeros")
+# Which time constants train: tau_m and tau_adp ("all"), only one of them, or neither. A
+# frozen one stays at its initial value as a buffer under the same name, so optimizers,
+# checkpoints, torch.compile and DDP see exactly the trainable ones.
+TRAIN_TAU = ("all", "none", "m", "adp")
 # Steps per block of leaky_integrate: streaming chunks that are multiples of it line up with
 # the blocks of one pass, so AdaptiveSRNN.stream reproduces forward bit for bit.
 INTEGRATE_BLOCK = 64
@@ -71,6 +75,14 @@ def membrane_trace(s: torch.Tensor, x_proj: torch.Tensor, tau_m: torch.Tensor, t
     return (u, SRNNState(u[-1], eta[-1], s[-1])) if return_state else u
 
 
+def _time_constant(module: nn.Module, name: str, value: torch.Tensor, trainable: bool) -> None:
+    """Registers ``name`` as a parameter if it trains, else as a (persistent) buffer."""
+    if trainable:
+        module.register_parameter(name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value)
+
+
 class NetworkState(NamedTuple):
     """An AdaptiveSRNN's state between two ``stream`` calls: ``layers``, one SRNNState per
     recurrent layer; ``readout``: the integrator's o [B, C], the spiking readout's SRNNState,
@@ -88,14 +100,16 @@ class SRNNLayer(nn.Module):
     ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
     shape [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched) and s shaped alike.
     Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``) or
-    u = 0, with eta = b0 and s = 0.
+    u = 0, with eta = b0 and s = 0. ``train_tau``: which time constants are parameters
+    ("all", "m": tau_m only, "adp": tau_adp only, "none"); the others are buffers that keep
+    their initial values (same state_dict keys).
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, neuron: str = "adaptive", batch_first: bool = False,
                  backend: str = "auto", bias: bool = True, recurrent: bool = True, b0: float = 0.01, beta=None,
                  dt: float = 1.0, r_m: float = 1.0, surrogate: str = "gaussian", sigma: float = 0.5,
                  gamma: float = 0.5, tau_m_init=(20.0, 5.0), tau_adp_init=(150.0, 10.0),
-                 init_state: str = "uniform", device=None, dtype=None):
+                 init_state: str = "uniform", train_tau: str = "all", device=None, dtype=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -103,6 +117,7 @@ class SRNNLayer(nn.Module):
         self.config = check_config(neuron, b0, beta, dt, r_m, surrogate, sigma, gamma)
         self.backend = check_backend(backend)
         self.init_state = _choice("init_state", init_state, INIT_STATES)
+        self.train_tau = _choice("train_tau", train_tau, TRAIN_TAU)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.batch_first = batch_first
         factory = {"device": device, "dtype": dtype}
@@ -111,8 +126,8 @@ class SRNNLayer(nn.Module):
             self.w_rec = nn.Parameter(torch.empty(hidden_size, hidden_size, **factory))
         else:  # a feed-forward spiking layer: the scan with W_rec = 0
             self.register_buffer("w_rec", torch.zeros(hidden_size, hidden_size, **factory), persistent=False)
-        self.tau_m = nn.Parameter(torch.empty(hidden_size, **factory))
-        self.tau_adp = nn.Parameter(torch.empty(hidden_size, **factory))
+        _time_constant(self, "tau_m", torch.empty(hidden_size, **factory), train_tau in ("all", "m"))
+        _time_constant(self, "tau_adp", torch.empty(hidden_size, **factory), train_tau in ("all", "adp"))
         self.tau_m_init, self.tau_adp_init = tau_m_init, tau_adp_init
         self.reset_parameters()
 
@@ -160,15 +175,17 @@ class SRNNLayer(nn.Module):
         return (s.transpose(0, 1) if self.batch_first else s), state
 
     def extra_repr(self) -> str:
+        frozen = "" if self.train_tau == "all" else f", train_tau={self.train_tau!r}"
         return (f"{self.input_size}, {self.hidden_size}, neuron={self.config.neuron!r}, "
-                f"recurrent={isinstance(self.w_rec, nn.Parameter)}, backend={self.backend!r}")
+                f"recurrent={isinstance(self.w_rec, nn.Parameter)}, backend={self.backend!r}{frozen}")
 
 
 class AdaptiveSRNN(nn.Module):
     """Stacked recurrent SRNN layers, a readout and a decoder.
 
     ``readout="integrator"``: o_t = a_o o_{t-1} + (1 - a_o)(W_out h_t + b), a_o = exp(-dt / tau_out),
-    tau_out trainable. ``readout="spiking"``: a feed-forward adaptive spiking output layer, o_t its spikes.
+    tau_out trainable (with tau_m: ``train_tau`` "all" or "m"). ``readout="spiking"``: a feed-forward
+    adaptive spiking output layer, o_t its spikes.
     ``readout="membrane"``: the same spiking output layer, o_t its membrane potential u_t (the
     method's ECG network: the output neurons spike and reset, and their membrane is the logit).
     ``decode``: "count" (sum of output spikes; spiking readout only), "last" (o_T), "max" / "mean"
@@ -203,7 +220,8 @@ class AdaptiveSRNN(nn.Module):
             self.output = nn.Linear(hidden_sizes[-1], output_size, **factory)
             nn.init.xavier_uniform_(self.output.weight)
             nn.init.zeros_(self.output.bias)
-            self.tau_out = nn.Parameter(torch.empty(output_size, **factory))
+            _time_constant(self, "tau_out", torch.empty(output_size, **factory),
+                           layer_kwargs.get("train_tau", "all") in ("all", "m"))
             _normal_init(self.tau_out, tau_out_init, floor=self.dt)
         else:
             out_kwargs = {k: v for k, v in layer_kwargs.items() if k != "neuron"}

@@ -131,7 +131,7 @@ def build_model(config: dict) -> nn.Module:
                         backend=config["backend"], tau_out_init=tuple(config["tau_out_init"]),
                         tau_m_init=tuple(config["tau_m_init"]), tau_adp_init=tuple(config["tau_adp_init"]),
                         b0=config["b0"], surrogate=config["surrogate"], init_state=config["init_state"],
-                        dtype=dtype)
+                        train_tau=config.get("train_tau", "all"), dtype=dtype)
 
 
 def _is_time_constant(name: str) -> bool:
@@ -263,6 +263,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=("count", "last", "max", "mean", "per_step"))
     p.add_argument("--tau-m-init", type=_pair, help="MEAN,STD of the membrane time constants")
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")
+    p.add_argument("--train-tau", choices=("all", "none", "m", "adp"), default="all",
+                   help="time constants that train: all (tau_m, tau_adp, tau_out), none, m (tau_m and tau_out) "
+                        "or adp (tau_adp); frozen ones keep their initial values (the method's Fig. 6b ablation)")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
     p.add_argument("--b0", type=_positive(float), help="baseline threshold (presets: 0.01)")
     p.add_argument("--ema", type=_fraction, metavar="DECAY",
@@ -320,6 +323,9 @@ def config_from_args(args, parser) -> dict:
         parser.error(f"--preset {name} is for --task {' / '.join(preset['tasks'])}, not {args.task}")
     if args.lr_step is not None and args.lr_milestones is not None:
         parser.error("--lr-step and --lr-milestones are two schedules: give one")
+    if args.train_tau != "all" and args.model in BASELINES:
+        parser.error(f"--train-tau applies to the SRNN models ({', '.join(SRNN_MODELS)}); {args.model} has no "
+                     "time constants")
     cfg = {"task": args.task, "model": args.model, "preset": name}
     for key in PRESET_KEYS:
         value = getattr(args, key)
@@ -340,7 +346,7 @@ def config_from_args(args, parser) -> dict:
                          f"(its data options: {', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS[args.task])})")
         data[key] = value
     cfg.update(data=data, neuron=args.model if args.model in SRNN_MODELS else None,
-               ema=args.ema, surrogate=args.surrogate, init_state=args.init_state,
+               ema=args.ema, surrogate=args.surrogate, init_state=args.init_state, train_tau=args.train_tau,
                backend=args.backend,
                device=args.device, dtype=args.dtype, seed=args.seed, data_seed=args.data_seed,
                data_dir=args.data_dir, threads=args.threads)
