@@ -7,7 +7,11 @@ inputs, float32. "fwd" runs under torch.no_grad() (the fused backends' inference
 "fwd+bwd" is a forward with grad plus backward of <output, fixed random gradient>. Times are
 medians of --repeats calls after --warmup calls, device-synchronized, after one untimed first
 call of each; a contender whose first calls took over SLOW_CALL_S gets at most 3 timed calls
-and no further warm-up (results.json records "repeats").
+and no further warm-up (results.json records "repeats"). With --rounds N every contender is
+timed N times, round-robin (all contenders of a round, then the next round), and the report
+gives the median over rounds; each ratio is the median of the per-round ratios, since
+contenders of one round ran close together in time (timings on shared hosts swing 2-3x
+between minutes).
 
 Memory: "saved" is what autograd keeps for backward during the fwd+bwd forward (every saved
 tensor, once per storage), beyond the input and the parameters, which exist anyway (for
@@ -33,7 +37,7 @@ are listed as not run: they take minutes on a 2-core CPU.
     python bench/run.py                      # all shapes, the usual contenders, on GPU if present
     python bench/run.py --quick              # tiny shapes and repeats, seconds (CI)
     python bench/run.py --cpu-capability all --backends cpp,reference --threads 2
-    python bench/run.py --scan --cpu-capability all
+    python bench/run.py --scan --cpu-capability all --rounds 5   # noisy host: medians over 5 rounds
     python bench/run.py --shapes ecg --backends cpp,reference --out /tmp/b
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ import json
 import os
 import platform
 import subprocess
+import statistics
 import sys
 import time
 
@@ -393,6 +398,41 @@ def ratios(results: dict, fused: list) -> list:
     return rows
 
 
+def combine_rounds(rounds: list) -> dict:
+    """Per shape and contender, the first round's record with its times replaced by their
+    median over the rounds (and the per-round times kept under "<key>_rounds")."""
+    out = {}
+    for shape, res in rounds[0].items():
+        out[shape] = {}
+        for c, rec in res.items():
+            rec = dict(rec)
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                times = [r[shape][c][key] for r in rounds if key in r[shape].get(c, {})]
+                if len(rounds) > 1 and times:
+                    rec[key], rec[key + "_rounds"] = statistics.median(times), times
+            out[shape][c] = rec
+    return out
+
+
+def combine_ratios(per_round: list) -> list:
+    """The median over rounds of each ratio: each round's ratio compares times taken close
+    together, so the median of ratios resists a host's slow spells better than the ratio of
+    medians."""
+    rows = {}
+    for round_rows in per_round:
+        for row in round_rows:
+            rows.setdefault((row["shape"], row["fused"], row["peer"]), []).append(row)
+    out = []
+    for same in rows.values():
+        row = dict(same[0])
+        for key in ("fwd", "fwd_bwd"):
+            row[key] = statistics.median(r[key] for r in same)
+        if len(per_round) > 1:
+            row["rounds"] = len(same)
+        out.append(row)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -408,6 +448,9 @@ def parse_args(argv=None):
                    help="build(s) of the CPU kernels for the cpp backend: avx512, avx2, default, a comma list, or all "
                         "(default: the one srnn_fast.cpu_capability() picks)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5, quick 2; at most 3 for contenders whose first calls took over 1 s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every contender this many times, round-robin, and report medians over the rounds "
+                        "(ratios: the median of the per-round ratios); for noisy shared hosts")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile-timeout", type=float, default=240.0,
@@ -417,6 +460,8 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 5)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1; got {args.rounds}")
     args.warmup = args.warmup if args.warmup is not None else 1
     return args
 
@@ -461,14 +506,17 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    tasks = [(s, c) for s in shapes for c in contenders]
-    results = {s: {} for s in shapes}
-    for shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
+    # Rounds: every contender once per round, round after round, so that contenders compared
+    # in a ratio were timed minutes apart at most and a slow spell of a shared host hits all.
+    tasks = [(r, s, c) for r in range(args.rounds) for s in shapes for c in contenders]
+    rounds = [{s: {} for s in shapes} for _ in range(args.rounds)]
+    for r, shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
+        results = rounds[r]
         if c in COMPILED and not args.compile and c not in asked:
             results[shape_name][c] = {"note": "not run: pass --compile (torch.compile takes minutes here)"}
             continue
-        if c in COMPILED:
-            results[shape_name][c] = run_child(args, c, shape_name)
+        if c in COMPILED:  # minutes per call: timed in the first round only
+            results[shape_name][c] = run_child(args, c, shape_name) if r == 0 else rounds[0][shape_name][c]
         else:
             try:
                 results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup, args.scan)
@@ -485,12 +533,13 @@ def main(argv=None) -> int:
                  "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc)
                  .strftime("%Y-%m-%d %H:%M UTC"), "command": "python bench/run.py " + " ".join(sys.argv[1:]),
                  "python": platform.python_version(), "quick": args.quick, "repeats": args.repeats,
+                 "rounds": args.rounds,
                  "warmup": args.warmup, "shapes": shapes, "what": "srnn_scan op" if args.scan else "layer stacks",
                  "cpu_model": _cpu_name(), "cpu_avx512": "avx512f" in _cpu_flags(), "cpu_avx2": "avx2" in _cpu_flags(),
                  "cpu_capability": cpu_build,
                  "cpu_capabilities_run": [split_capability(f)[1] or cpu_build for f in fused if f.startswith("cpp")]},
-        "results": results,
-        "ratios": ratios(results, valid_fused),
+        "results": combine_rounds(rounds),
+        "ratios": combine_ratios([ratios(res, valid_fused) for res in rounds]),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

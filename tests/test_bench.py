@@ -69,3 +69,32 @@ def test_library_peer_where_installed(peer, tmp_path):
     row = json.loads((tmp_path / "results.json").read_text())["results"]["ecg"][peer]
     assert "error" not in row, row
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+
+
+def test_rounds_report_medians_over_rounds(tmp_path):
+    """--rounds 3: every contender timed three times, the medians reported, each ratio the
+    median of the three per-round ratios."""
+    import statistics
+
+    assert bench.main(["--quick", "--shapes", "ecg", "--device", "cpu", "--backends", "cpp,reference",
+                       "--rounds", "3", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["meta"]["rounds"] == 3
+    for name, row in report["results"]["ecg"].items():
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            assert len(row[key + "_rounds"]) == 3, name
+            assert row[key] == statistics.median(row[key + "_rounds"])
+    (ratio,) = report["ratios"]
+    assert ratio["rounds"] == 3
+    ref, cpp = report["results"]["ecg"]["reference"], report["results"]["ecg"]["cpp"]
+    per_round = [r / c for r, c in zip(ref["fwd_bwd_ms_rounds"], cpp["fwd_bwd_ms_rounds"])]
+    assert ratio["fwd_bwd"] == pytest.approx(statistics.median(per_round))
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--rounds", "0", "--out", str(tmp_path)])
+
+
+def test_combine_ratios_takes_the_median_per_pair():
+    rows = [[{"shape": "ecg", "fused": "cpp", "peer": "reference", "fwd": f, "fwd_bwd": b, "saved": 0.1}]
+            for f, b in ((10.0, 30.0), (2.0, 20.0), (4.0, 25.0))]
+    (row,) = bench.combine_ratios(rows)
+    assert (row["fwd"], row["fwd_bwd"], row["rounds"]) == (4.0, 25.0, 3)
