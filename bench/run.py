@@ -373,11 +373,17 @@ def markdown(report: dict) -> str:
             lines.append(f"| {shape} | {name} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
                          f"{fmt(mb(r.get('saved_bytes')))} | {fmt(mb(r.get('peak_bytes')))} | "
                          f"{r.get('error', r.get('note', ''))} |")
-    lines += ["", "Speedup of each fused backend (time of the peer / time of the fused backend):", "",
-              "| shape | fused | peer | fwd | fwd+bwd | saved bytes, fused / peer |", "|---|---|---|---:|---:|---:|"]
+    best = any("fwd_bwd_best" in row for row in report["ratios"])
+    rounds = m.get("rounds", 1)
+    lines += ["", "Speedup of each fused backend (time of the peer / time of the fused backend"
+              + (f"; median of the {rounds} per-round ratios, and the ratio of the best rounds" if best else "")
+              + "):", "",
+              "| shape | fused | peer | fwd | fwd+bwd |" + (" fwd+bwd, best rounds |" if best else "")
+              + " saved bytes, fused / peer |", "|---|---|---|---:|---:|" + ("---:|" if best else "") + "---:|"]
     for row in report["ratios"]:
         lines.append(f"| {row['shape']} | {row['fused']} | {row['peer']} | {fmt(row['fwd'], 'x')} | "
-                     f"{fmt(row['fwd_bwd'], 'x')} | {fmt_ratio(row['saved'])} |")
+                     f"{fmt(row['fwd_bwd'], 'x')} |" + (f" {fmt(row.get('fwd_bwd_best'), 'x')} |" if best else "")
+                     + f" {fmt_ratio(row['saved'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -410,14 +416,16 @@ def combine_rounds(rounds: list) -> dict:
                 times = [r[shape][c][key] for r in rounds if key in r[shape].get(c, {})]
                 if len(rounds) > 1 and times:
                     rec[key], rec[key + "_rounds"] = statistics.median(times), times
+                    rec[key + "_best"] = min(times)
             out[shape][c] = rec
     return out
 
 
-def combine_ratios(per_round: list) -> list:
+def combine_ratios(per_round: list, combined: dict = None) -> list:
     """The median over rounds of each ratio: each round's ratio compares times taken close
     together, so the median of ratios resists a host's slow spells better than the ratio of
-    medians."""
+    medians. With ``combined`` (combine_rounds' output) each row also gets "fwd_bwd_best":
+    the ratio of the best (least disturbed) rounds, the contenders' own speed."""
     rows = {}
     for round_rows in per_round:
         for row in round_rows:
@@ -429,6 +437,10 @@ def combine_ratios(per_round: list) -> list:
             row[key] = statistics.median(r[key] for r in same)
         if len(per_round) > 1:
             row["rounds"] = len(same)
+            res = (combined or {}).get(row["shape"], {})
+            fused, peer = res.get(row["fused"], {}), res.get(row["peer"], {})
+            if "fwd_bwd_ms_best" in fused and "fwd_bwd_ms_best" in peer:
+                row["fwd_bwd_best"] = peer["fwd_bwd_ms_best"] / fused["fwd_bwd_ms_best"]
         out.append(row)
     return out
 
@@ -539,8 +551,9 @@ def main(argv=None) -> int:
                  "cpu_capability": cpu_build,
                  "cpu_capabilities_run": [split_capability(f)[1] or cpu_build for f in fused if f.startswith("cpp")]},
         "results": combine_rounds(rounds),
-        "ratios": combine_ratios([ratios(res, valid_fused) for res in rounds]),
+        "ratios": None,
     }
+    report["ratios"] = combine_ratios([ratios(res, valid_fused) for res in rounds], report["results"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -89,6 +89,8 @@ def test_rounds_report_medians_over_rounds(tmp_path):
     ref, cpp = report["results"]["ecg"]["reference"], report["results"]["ecg"]["cpp"]
     per_round = [r / c for r, c in zip(ref["fwd_bwd_ms_rounds"], cpp["fwd_bwd_ms_rounds"])]
     assert ratio["fwd_bwd"] == pytest.approx(statistics.median(per_round))
+    assert ratio["fwd_bwd_best"] == pytest.approx(min(ref["fwd_bwd_ms_rounds"]) / min(cpp["fwd_bwd_ms_rounds"]))
+    assert "best rounds" in (tmp_path / "results.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--rounds", "0", "--out", str(tmp_path)])
 
