@@ -486,15 +486,15 @@ SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict 
 
 // One backward step of a row's neurons (t descending): sg = the surrogate at u_t - theta_t,
 // then dI_t, the local part of dL/ds_{t-1} (into ds, replacing what was there: the caller
-// adds W^T dI_t afterwards), the dL/dalpha and dL/drho sums (float64), and the carries
+// adds W^T dI_t afterwards), the dL/dalpha and dL/drho sums (float64; TAU), and the carries
 // du, deta. g_s = dL/ds_t from the output; ds holds dL/ds_t from step t+1 on entry.
-template <Isa ISA, typename T, bool BINARY>
-SRNN_INLINE void backward_neurons(const Params<T>& params, const Neurons<T>& nrn, int64_t H, T* __restrict sg,
-                                  const T* __restrict u_prev, const T* __restrict u_cur,
-                                  const T* __restrict e_prev, const T* __restrict e_cur,
-                                  const T* __restrict s_prev, const T* __restrict g_s, T* __restrict dI,
-                                  T* __restrict ds, T* __restrict du, T* __restrict deta,
-                                  double* __restrict dalpha, double* __restrict drho) {
+template <Isa ISA, typename T, bool BINARY, bool TAU>
+SRNN_INLINE void backward_neurons_impl(const Params<T>& params, const Neurons<T>& nrn, int64_t H, T* __restrict sg,
+                                       const T* __restrict u_prev, const T* __restrict u_cur,
+                                       const T* __restrict e_prev, const T* __restrict e_cur,
+                                       const T* __restrict s_prev, const T* __restrict g_s, T* __restrict dI,
+                                       T* __restrict ds, T* __restrict du, T* __restrict deta,
+                                       double* __restrict dalpha, double* __restrict drho) {
   Params<T> p = params;
   p.binary = BINARY;
   spike_grads<ISA, T, BINARY>(p, H, u_cur, e_cur, sg);
@@ -504,9 +504,29 @@ SRNN_INLINE void backward_neurons(const Params<T>& params, const Neurons<T>& nrn
                                             s_prev[i], T(g_s[i] + ds[i]), du[i], deta[i]);
     dI[i] = g.d_current;
     ds[i] = g.ds_prev;
-    dalpha[i] += double(g.dalpha_num);
-    drho[i] += double(g.drho);
+    if constexpr (TAU) {  // else g.dalpha_num and g.drho are dead code: their products go too
+      dalpha[i] += double(g.dalpha_num);
+      drho[i] += double(g.drho);
+    }
   }
+}
+
+// dalpha = drho = null: no time constant needs a gradient (frozen tau_m and tau_adp), so the
+// per-step dL/dalpha, dL/drho terms are neither computed nor summed. The other outputs are
+// the same operations either way (bit for bit).
+template <Isa ISA, typename T, bool BINARY>
+SRNN_INLINE void backward_neurons(const Params<T>& p, const Neurons<T>& nrn, int64_t H, T* __restrict sg,
+                                  const T* __restrict u_prev, const T* __restrict u_cur,
+                                  const T* __restrict e_prev, const T* __restrict e_cur,
+                                  const T* __restrict s_prev, const T* __restrict g_s, T* __restrict dI,
+                                  T* __restrict ds, T* __restrict du, T* __restrict deta,
+                                  double* __restrict dalpha, double* __restrict drho) {
+  if (dalpha != nullptr)
+    backward_neurons_impl<ISA, T, BINARY, true>(p, nrn, H, sg, u_prev, u_cur, e_prev, e_cur, s_prev, g_s, dI, ds,
+                                                du, deta, dalpha, drho);
+  else
+    backward_neurons_impl<ISA, T, BINARY, false>(p, nrn, H, sg, u_prev, u_cur, e_prev, e_cur, s_prev, g_s, dI, ds,
+                                                 du, deta, dalpha, drho);
 }
 
 // grad_alpha [H], grad_rho [H] from the per-row float64 sums dalpha_num, drho [B, H], added
@@ -524,7 +544,8 @@ void reduce_tau_grads(const double* dalpha_num, const double* drho, int64_t B, i
 }
 
 // Writes what a backward block of nr rows (first row b0) carried to the end: dL/du_0,
-// dL/deta_0, dL/ds_0 [nr, H] and the per-row dL/dalpha, dL/drho sums (float64).
+// dL/deta_0, dL/ds_0 [nr, H] and the per-row dL/dalpha, dL/drho sums (float64; not when
+// dalpha_rows is null: no tau gradient asked for).
 template <typename T>
 void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* deta, const T* ds,
                        const double* dalpha, const double* drho, T* grad_u0, T* grad_eta0, T* grad_s0,
@@ -533,6 +554,7 @@ void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* 
   std::memcpy(grad_u0 + off, du, n * sizeof(T));
   std::memcpy(grad_eta0 + off, deta, n * sizeof(T));
   std::memcpy(grad_s0 + off, ds, n * sizeof(T));
+  if (dalpha_rows == nullptr) return;
   std::memcpy(dalpha_rows + off, dalpha, n * sizeof(double));
   std::memcpy(drho_rows + off, drho, n * sizeof(double));
 }

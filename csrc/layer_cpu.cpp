@@ -163,7 +163,8 @@ struct LayerGrads {
   T* grad_u0;           // [B, H]
   T* grad_eta0;         // [B, H]
   T* grad_s0;           // [B, H]
-  double* dalpha_num;   // [B, H] per-row sums, reduced over B in row order afterwards
+  double* dalpha_num;   // [B, H] per-row sums, reduced over B in row order afterwards; null
+                        // (and drho too): no tau gradient asked for, the sums are skipped
   double* drho;         // [B, H]
   T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T), or null (dense)
   T* bias_part;         // [nblocks, Hp], or null (dense)
@@ -241,7 +242,8 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
         T* dIr = dI.data() + r * Hp;
         backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H, dIr,
                                     ds.data() + r * H, du.data() + r * H, deta.data() + r * H,
-                                    dalpha.data() + r * H, drho.data() + r * H);
+                                    g.dalpha_num != nullptr ? dalpha.data() + r * H : nullptr,
+                                    g.dalpha_num != nullptr ? drho.data() + r * H : nullptr);
         // dW_rec^T[j] += s_j dI over the active neurons; for sparse inputs also dW_in^T[k] +=
         // x_k dI over the nonzero inputs and db += dI.
         const Active& act = act_seg[r * K + j];
@@ -430,7 +432,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
               const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
               const at::Tensor& s0, const at::Tensor& u_ckpt, const at::Tensor& eta_ckpt, const at::Tensor& spikes,
               bool binary, int64_t surrogate, double b0, double beta, double dt, double r_m, double sigma,
-              double gamma, int64_t ckpt_every, bool need_grad_x) {
+              double gamma, int64_t ckpt_every, bool need_grad_x, bool need_grad_tau) {
   const LayerShape sh = check_layer_args(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0);
   check_surrogate(surrogate);
   TORCH_CHECK(ckpt_every >= 1, "srnn_fast: ckpt_every must be >= 1 in backward; got ", ckpt_every);
@@ -446,7 +448,9 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   at::Tensor grad_x = new_output(need_grad_x ? at::IntArrayRef{T_, B, I} : at::IntArrayRef{0}, opts);
   at::Tensor grad_w_in = new_output({H, I}, opts), grad_w_rec = new_output({H, H}, opts);
   at::Tensor grad_bias = new_output(has_bias ? at::IntArrayRef{H} : at::IntArrayRef{0}, opts);
-  at::Tensor grad_alpha = new_output({H}, opts), grad_rho = new_output({H}, opts);
+  // Frozen time constants (no need_grad_tau): grad_alpha, grad_rho [0], their terms skipped.
+  const std::vector<int64_t> tau_shape{need_grad_tau ? H : 0};
+  at::Tensor grad_alpha = new_output(tau_shape, opts), grad_rho = new_output(tau_shape, opts);
   at::Tensor grad_u0 = new_output({B, H}, opts), grad_eta0 = new_output({B, H}, opts);
   at::Tensor grad_s0 = new_output({B, H}, opts);
 
@@ -458,7 +462,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
   // dI [T, B, H] for the GEMMs after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in.
   const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts) : at::Tensor();
-  at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
+  at::Tensor part = at::empty({need_grad_tau ? 2 : 0, B, H}, opts.dtype(at::kDouble));
   at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
   at::Tensor bias_part = at::empty({dense ? 0 : nblocks, 1, Hp}, opts);
   at::Tensor wrec_part = at::empty({nblocks, H, Hp}, opts);
@@ -473,8 +477,8 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
     const LayerArgs<T> args = layer_args<T>(xc, xp, winT, bp, wT, w, u0c, eta0c, s0c, sh, K);
-    double* dalpha_part = part.data_ptr<double>();
-    double* drho_part = dalpha_part + B * H;
+    double* dalpha_part = need_grad_tau ? part.data_ptr<double>() : nullptr;
+    double* drho_part = need_grad_tau ? dalpha_part + B * H : nullptr;
     const LayerGrads<T> g{gs.data_ptr<T>(), guT.data_ptr<T>(), geT.data_ptr<T>(), uck.data_ptr<T>(),
                           eck.data_ptr<T>(), binary ? spk.data_ptr<int32_t>() : nullptr,
                           binary ? nullptr : spk.data_ptr<T>(), dI.defined() ? dI.data_ptr<T>() : nullptr,
@@ -487,7 +491,8 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
              : run_kernel<LayerBackward<T, false>>(isa, args, g, p, nrn, begin, end);
     });
     // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
-    reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
+    if (need_grad_tau)
+      reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
     reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
     if (!dense) {
       reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());

@@ -68,6 +68,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(srnn_fast, m) {
   // Contract: srnn_fast/scan.py. alpha = exp(-dt/tau_m), rho = exp(-dt/tau_adp), [H].
+  // need_grad_tau = false (frozen time constants): grad_alpha and grad_rho come back [0],
+  // and kernels may skip the work that makes them.
   m.def(
       "scan_fwd(Tensor x_proj, Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, Tensor eta0, Tensor s0, "
       "bool binary, float b0, float beta, float dt, float r_m, bool save) "
@@ -75,7 +77,7 @@ TORCH_LIBRARY(srnn_fast, m) {
   m.def(
       "scan_bwd(Tensor grad_s, Tensor grad_u_T, Tensor grad_eta_T, Tensor w_rec, Tensor alpha, Tensor rho, "
       "Tensor u0, Tensor eta0, Tensor s0, Tensor u_seq, Tensor spikes, bool binary, int surrogate, float b0, "
-      "float beta, float dt, float r_m, float sigma, float gamma) "
+      "float beta, float dt, float r_m, float sigma, float gamma, bool need_grad_tau=True) "
       "-> (Tensor grad_x, Tensor grad_alpha, Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
   // Optional: dW_rec [H,H] = sum_t grad_x[t]^T s_{t-1} straight from the spike bits
   // [T,B,ceil(H/32)] (s_0 = s0), accumulating dI rows over the active columns only.
@@ -90,7 +92,7 @@ TORCH_LIBRARY(srnn_fast, m) {
       "layer_bwd(Tensor grad_s, Tensor grad_u_T, Tensor grad_eta_T, Tensor x, Tensor w_in, Tensor? bias, "
       "Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, Tensor eta0, Tensor s0, Tensor u_ckpt, "
       "Tensor eta_ckpt, Tensor spikes, bool binary, int surrogate, float b0, float beta, float dt, float r_m, "
-      "float sigma, float gamma, int ckpt_every, bool need_grad_x) "
+      "float sigma, float gamma, int ckpt_every, bool need_grad_x, bool need_grad_tau=True) "
       "-> (Tensor grad_x, Tensor grad_w_in, Tensor grad_bias, Tensor grad_w_rec, Tensor grad_alpha, "
       "Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
 }

@@ -163,7 +163,8 @@ struct BwdArgs {
   T* grad_u0;           // [B, H]
   T* grad_eta0;         // [B, H]
   T* grad_s0;           // [B, H]
-  double* dalpha_num;   // [B, H] per-row sums, reduced over B in a fixed order afterwards
+  double* dalpha_num;   // [B, H] per-row sums, reduced over B in a fixed order afterwards; null
+                        // (and drho too): no tau gradient asked for, the sums are skipped
   double* drho;         // [B, H]
   int64_t T_, B, H, Hp;
 };
@@ -227,8 +228,8 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
         T* __restrict du_r = du.data() + r * H;
         T* __restrict deta_r = deta.data() + r * H;
         T* __restrict ds_r = ds.data() + r * H;
-        double* __restrict da_r = dalpha.data() + r * H;
-        double* __restrict dr_r = drho.data() + r * H;
+        double* __restrict da_r = a.dalpha_num != nullptr ? dalpha.data() + r * H : nullptr;
+        double* __restrict dr_r = a.dalpha_num != nullptr ? drho.data() + r * H : nullptr;
         backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u_prev, u_cur, e_prev, e_cur, sp, gs, dI, ds_r, du_r,
                                     deta_r, da_r, dr_r);
       }
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& w_rec,
     const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
     const at::Tensor& s0, const at::Tensor& u_seq, const at::Tensor& spikes, bool binary, int64_t surrogate,
-    double b0, double beta, double dt, double r_m, double sigma, double gamma) {
+    double b0, double beta, double dt, double r_m, double sigma, double gamma, bool need_grad_tau) {
   TORCH_CHECK(grad_s.defined() && grad_s.dim() == 3, "srnn_fast: grad_s must be [T, B, H] (3-D); got ",
               grad_s.defined() ? describe(grad_s) : std::string("an undefined tensor"));
   const int64_t T_ = grad_s.size(0), B = grad_s.size(1), H = grad_s.size(2);
@@ -267,12 +268,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const auto opts = w_rec.options();
   at::Tensor grad_x = new_output({T_, B, H}, opts);
-  at::Tensor grad_alpha = new_output({H}, opts), grad_rho = new_output({H}, opts);
+  // Without need_grad_tau (frozen time constants) grad_alpha and grad_rho are [0] and their
+  // per-step terms are never computed.
+  const std::vector<int64_t> tau_shape{need_grad_tau ? H : 0};
+  at::Tensor grad_alpha = new_output(tau_shape, opts), grad_rho = new_output(tau_shape, opts);
   at::Tensor grad_u0 = new_output({B, H}, opts), grad_eta0 = new_output({B, H}, opts);
   at::Tensor grad_s0 = new_output({B, H}, opts);
   // Per-row partial sums in float64, reduced over B in row order: deterministic for any
   // thread count, and no float32 drift over T * B terms.
-  at::Tensor part = at::empty({2, B, H}, opts.dtype(at::kDouble));
+  at::Tensor part = at::empty({need_grad_tau ? 2 : 0, B, H}, opts.dtype(at::kDouble));
 
   const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), getaT = grad_eta_T.contiguous();
   const int64_t Hp = padded(H, w_rec.element_size());
@@ -288,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_decay_values<T>(r_c, "rho", "tau_adp", true);
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
-    double* dalpha_part = part.data_ptr<double>();
-    double* drho_part = dalpha_part + B * H;
+    double* dalpha_part = need_grad_tau ? part.data_ptr<double>() : nullptr;
+    double* drho_part = need_grad_tau ? dalpha_part + B * H : nullptr;
     const BwdArgs<T> args{gs.data_ptr<T>(), guT.data_ptr<T>(), getaT.data_ptr<T>(), w.data_ptr<T>(),
                           u0c.data_ptr<T>(), eta0c.data_ptr<T>(), s0c.data_ptr<T>(), useq.data_ptr<T>(),
                           binary ? spk.data_ptr<int32_t>() : nullptr, binary ? nullptr : spk.data_ptr<T>(),
@@ -302,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       binary ? run_kernel<ScanBackward<T, true>>(isa, args, p, nrn, b_begin, b_end)
              : run_kernel<ScanBackward<T, false>>(isa, args, p, nrn, b_begin, b_end);
     });
-    reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
+    if (need_grad_tau)
+      reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
   });
   return {grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }

@@ -589,7 +589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& w_rec,
     const at::Tensor& alpha, const at::Tensor& rho, const at::Tensor& u0, const at::Tensor& eta0,
     const at::Tensor& s0, const at::Tensor& u_seq, const at::Tensor& spikes, bool binary, int64_t surrogate,
-    double b0, double beta, double dt, double r_m, double sigma, double gamma) {
+    double b0, double beta, double dt, double r_m, double sigma, double gamma, bool need_grad_tau) {
   TORCH_CHECK(u_seq.dim() == 3 && u_seq.size(0) >= 1 && u_seq.size(1) >= 1 && u_seq.size(2) >= 1,
               "srnn_fast: u_seq must be [T, B, H] with T, B, H >= 1 (forward run with save=True); got ",
               describe(u_seq));
@@ -619,6 +619,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     launch_bwd<float>(gs, gu, ge, w, a, r, u0c, eta0c, s0c, us, sp, grad_x, grad_alpha, grad_rho, grad_u0,
                       grad_eta0, grad_s0, make_params<float>(binary, b0, beta, dt, r_m, sigma, gamma, sur));
+  }
+  if (!need_grad_tau) {  // the contract's [0] tau grads (computed anyway: the reduction is cheap here)
+    grad_alpha = at::empty({0}, opts);
+    grad_rho = at::empty({0}, opts);
   }
   return {grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }

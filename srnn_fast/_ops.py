@@ -30,9 +30,10 @@ def _scan_fwd_fake(x_proj, w_rec, alpha, rho, u0, eta0, s0, binary, b0, beta, dt
 
 
 def _scan_bwd_fake(grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary,
-                   surrogate, b0, beta, dt, r_m, sigma, gamma):
+                   surrogate, b0, beta, dt, r_m, sigma, gamma, need_grad_tau=True):
     T, B, H = grad_s.shape
-    return (grad_s.new_empty((T, B, H), dtype=w_rec.dtype), alpha.new_empty((H,)), alpha.new_empty((H,)),
+    tau = (H,) if need_grad_tau else (0,)
+    return (grad_s.new_empty((T, B, H), dtype=w_rec.dtype), alpha.new_empty(tau), alpha.new_empty(tau),
             u0.new_empty((B, H)), u0.new_empty((B, H)), u0.new_empty((B, H)))
 
 
@@ -53,11 +54,13 @@ def _layer_fwd_fake(x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0, binary, b0, 
 
 
 def _layer_bwd_fake(grad_s, grad_u_T, grad_eta_T, x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0, u_ckpt, eta_ckpt,
-                    spikes, binary, surrogate, b0, beta, dt, r_m, sigma, gamma, ckpt_every, need_grad_x):
+                    spikes, binary, surrogate, b0, beta, dt, r_m, sigma, gamma, ckpt_every, need_grad_x,
+                    need_grad_tau=True):
     H, B = w_rec.shape[0], u0.shape[0]
+    tau = (H,) if need_grad_tau else (0,)
     return (x.new_empty(x.shape if need_grad_x else (0,)), w_in.new_empty(w_in.shape),
-            w_rec.new_empty((H,) if bias is not None else (0,)), w_rec.new_empty((H, H)), alpha.new_empty((H,)),
-            alpha.new_empty((H,)), u0.new_empty((B, H)), u0.new_empty((B, H)), u0.new_empty((B, H)))
+            w_rec.new_empty((H,) if bias is not None else (0,)), w_rec.new_empty((H, H)), alpha.new_empty(tau),
+            alpha.new_empty(tau), u0.new_empty((B, H)), u0.new_empty((B, H)), u0.new_empty((B, H)))
 
 
 if EXTENSION_ERROR is None:

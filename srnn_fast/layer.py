@@ -17,10 +17,10 @@ Kernel contract (alpha = exp(-dt / tau_m), rho = exp(-dt / tau_adp), computed he
            spk_bits [T,B,ceil(H/32)] int32 ([0] unless binary and ckpt_every > 0)
     layer_bwd(grad_s, grad_u_T, grad_eta_T, x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0,
               u_ckpt, eta_ckpt, spikes (bits, or s for relu), binary, surrogate, b0, beta,
-              dt, r_m, sigma, gamma, ckpt_every, need_grad_x)
+              dt, r_m, sigma, gamma, ckpt_every, need_grad_x, need_grad_tau = True)
         -> grad_x [T,B,I] ([0] unless need_grad_x), grad_w_in [H,I], grad_bias [H] ([0]
-           without bias), grad_w_rec [H,H], grad_alpha, grad_rho [H], grad_u0, grad_eta0,
-           grad_s0 [B,H]
+           without bias), grad_w_rec [H,H], grad_alpha, grad_rho [H] ([0] unless
+           need_grad_tau; their per-step sums are skipped), grad_u0, grad_eta0, grad_s0 [B,H]
 """
 from __future__ import annotations
 
@@ -67,9 +67,12 @@ class SRNNLayerFunction(torch.autograd.Function):
         grad_u_T = torch.zeros_like(u0) if grad_u_T is None else grad_u_T.contiguous()
         grad_eta_T = torch.zeros_like(u0) if grad_eta_T is None else grad_eta_T.contiguous()
         need_x = ctx.needs_input_grad[0]
+        need_tau = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]  # alpha, rho: frozen taus need none
         gx, gw_in, gb, gw_rec, ga, gr, gu0, geta0, gs0 = torch.ops.srnn_fast.layer_bwd(
             grad_s, grad_u_T, grad_eta_T, x, w_in, bias, w_rec, alpha, rho, u0, eta0, s0, u_ckpt, eta_ckpt,
-            spikes, binary, surrogate, b0, beta, dt, r_m, sigma, gamma, CKPT_EVERY, need_x)
+            spikes, binary, surrogate, b0, beta, dt, r_m, sigma, gamma, CKPT_EVERY, need_x, need_tau)
+        if not need_tau:
+            ga = gr = None
         return (gx if need_x else None, gw_in, gb if bias is not None else None, gw_rec, ga, gr, gu0, geta0, gs0,
                 None, None, None, None, None, None, None, None)
 

@@ -13,11 +13,23 @@ best.pt) and writes ``OUT/REPORT.md`` with
 and figures in ``OUT/figures/``: energy ratio vs error ratio per task (Pareto view),
 accuracy vs firing rate across network sizes, tau_m / tau_adp histograms at
 initialisation and after training, one learning curve per run.
+
+``python -m srnn_fast.report --ablation RUN_DIRS... [--at-epoch E]`` writes instead
+``OUT/ABLATION.md``: the runs grouped by (task, neuron / model, train_tau, hidden sizes),
+each group's test accuracy as mean ± sd over its runs (seeds or splits) with min / max, and
+the method's ablation figures ``OUT/figures/ablation_neuron.png`` (its Fig. 6a: accuracy per
+neuron type), ``ablation_tau.png`` (Fig. 6b: which time constants train) and
+``ablation_size.png`` (Fig. 5: accuracy vs Fr, marker size = hidden neurons), every run a
+point. A run's accuracy is the test accuracy at its validation-selected epoch; with
+``--at-epoch E``, at the best validation epoch among epochs 1..E (metrics.csv), so runs of
+different lengths compare at the same training budget.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import re
 import shlex
 import sys
@@ -339,6 +351,277 @@ def measure_run(run: Run, trained, data_dir: Optional[str], limit: int, batch_si
 
 
 # ---------------------------------------------------------------------------------------
+# Ablations (the method's Fig. 5 and 6): groups of runs that differ in one setting
+# ---------------------------------------------------------------------------------------
+SRNN_MODELS = ("adaptive", "lif", "relu")
+TRAIN_TAU_ORDER = ("all", "m", "adp", "none")
+TRAIN_TAU_NAMES = {"all": "all (tau_m, tau_adp)", "m": "tau_m only", "adp": "tau_adp only", "none": "none"}
+
+
+def epoch_rows(run: Run) -> list:
+    """The run's per-epoch table, metrics.csv, as dicts of floats (None for an empty cell;
+    fr_layers stays text). Raises FileNotFoundError without it."""
+    path = run.path / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run.path} has no metrics.csv (written by python -m srnn_fast.train every epoch)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (v if k == "fr_layers" else float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in rows]
+
+
+@dataclass
+class Selected:
+    """One run's result in an ablation: the test accuracy and Fr at its chosen epoch."""
+
+    run: Run
+    epoch: int
+    acc: float
+    fr: Optional[float]
+    val_acc: Optional[float]
+
+    @property
+    def key(self) -> tuple:
+        """(task, model, train_tau, hidden sizes): what the ablations vary. train_tau is None
+        for the baselines (no time constants); runs from before the option trained all."""
+        c = self.run.config
+        tau = c.get("train_tau", "all") if self.run.model in SRNN_MODELS else None
+        return self.run.task, self.run.model, tau, tuple(_hidden(c))
+
+
+def _hidden(config: dict) -> list:
+    h = config["hidden_sizes"]
+    return h if isinstance(h, list) else [h]
+
+
+def select_epoch(run: Run, at_epoch: Optional[int] = None) -> Selected:
+    """The run's test accuracy and Fr at the epoch it selected (metrics.json best_epoch,
+    chosen on validation where it has one), or with ``at_epoch`` at the best validation epoch
+    among epochs 1..at_epoch of metrics.csv (the earliest of equal ones, as training picks).
+    Raises ValueError naming the run when it cannot."""
+    if at_epoch is None:
+        if run.best is None or run.acc is None:
+            raise ValueError(f"run {run.path} has no selected epoch (metrics.json best_epoch); did it train?")
+        return Selected(run, int(run.best["epoch"]), run.acc, run.best.get("fr"), run.best.get("val_acc"))
+    rows = epoch_rows(run)
+    if len(rows) < at_epoch:
+        raise ValueError(f"--at-epoch {at_epoch}: run {run.path} has only {len(rows)} epochs in metrics.csv")
+    rows = [r for r in rows if r["epoch"] <= at_epoch]
+    if any(r.get("val_acc") is None for r in rows):
+        raise ValueError(f"--at-epoch selects on validation accuracy, and run {run.path} has no val_acc in "
+                         f"metrics.csv (train with --val-fraction)")
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    return Selected(run, int(best["epoch"]), best["test_acc"], best.get("fr"), best["val_acc"])
+
+
+def _mean_sd(values) -> tuple:
+    """(mean, sample standard deviation or None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, sd
+
+
+def group_runs(selected) -> dict:
+    """{key: [Selected, ...]} in report order: task, model, train_tau, network size."""
+    groups = {}
+    for s in selected:
+        groups.setdefault(s.key, []).append(s)
+
+    def order(key):
+        task, model, tau, hidden = key
+        return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task,
+                list(METHOD_NAMES).index(model) if model in METHOD_NAMES else 99,
+                TRAIN_TAU_ORDER.index(tau) if tau in TRAIN_TAU_ORDER else -1, sum(hidden), hidden)
+    return {k: sorted(groups[k], key=lambda s: s.run.name) for k in sorted(groups, key=order)}
+
+
+# Config entries that may differ between the runs of one group without making them different
+# experiments: what the spread is over (seeds, splits) and bookkeeping.
+_REPLICATE_KEYS = {"seed", "data_seed", "data_dir", "threads", "device", "data_info", "n_train", "n_val", "n_test",
+                   "world_size", "backend", "out"}
+
+
+def varying_settings(selected) -> list:
+    """The other config settings (data options as data.NAME) whose values differ between
+    these runs: a group is meant to vary only in seed or split, so these are worth saying."""
+    def flat(c):
+        items = {k: v for k, v in c.items() if k not in _REPLICATE_KEYS and k != "data"}
+        items.update({f"data.{k}": v for k, v in (c.get("data") or {}).items()})
+        return items
+    configs = [flat(s.run.config) for s in selected]
+    keys = sorted(set().union(*configs))
+    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def _pct_mean_sd(values) -> str:
+    mean, sd = _mean_sd([100 * v for v in values])
+    return f"{mean:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+
+
+def ablation_table(groups: dict) -> str:
+    rows = ["| task | model | train_tau | hidden | n | accuracy (%) mean ± sd | min | max | Fr mean ± sd | epochs "
+            "| runs |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for (task, model, tau, hidden), sel in groups.items():
+        accs = [s.acc for s in sel]
+        frs = [s.fr for s in sel if s.fr is not None]
+        fr = "–"
+        if frs:
+            mean, sd = _mean_sd(frs)
+            fr = f"{mean:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+        rows.append(f"| {TASK_NAMES.get(task, task)} | {METHOD_NAMES.get(model, model)} | {tau or '–'} | "
+                    f"{'-'.join(map(str, hidden))} | {len(sel)} | {_pct_mean_sd(accs)} | {100 * min(accs):.2f} | "
+                    f"{100 * max(accs):.2f} | {fr} | {', '.join(str(s.epoch) for s in sel)} | "
+                    f"{', '.join(s.run.name for s in sel)} |")
+    return "\n".join(rows)
+
+
+def _panels(plt, n: int, width: float = 5.0):
+    fig, axes = plt.subplots(1, n, figsize=(width * n, 4.2), squeeze=False)
+    return fig, axes[0]
+
+
+def _strip(ax, x: float, values, color) -> None:
+    """Every run as a point (spread a little sideways), and the mean with a ±sd bar."""
+    n = len(values)
+    offsets = [0.0] if n == 1 else [-0.12 + 0.24 * i / (n - 1) for i in range(n)]
+    ax.scatter([x + o for o in offsets], values, s=18, color=color, alpha=0.6, zorder=3)
+    mean, sd = _mean_sd(values)
+    ax.errorbar([x + 0.25], [mean], yerr=[[sd or 0.0], [sd or 0.0]], fmt="D", color=color, ms=6, capsize=4, zorder=4)
+
+
+def _hidden_label(hidden) -> str:
+    return "-".join(map(str, hidden))
+
+
+def plot_ablation_neuron(groups: dict, path: Path) -> Optional[str]:
+    """Fig. 6a: accuracy per SRNN neuron type per task (time constants all trained). Returns
+    None when drawn, else why not."""
+    sel = {k: v for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
+    tasks = [t for t in dict.fromkeys(k[0] for k in sel) if len({k[1] for k in sel if k[0] == t}) > 1]
+    if not tasks:
+        return "no task has runs of two or more neuron types (adaptive / lif / relu) with all time constants trained"
+    plt = _plt()
+    fig, axes = _panels(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
+        keys = [k for k in sel if k[0] == task]
+        several_sizes = len({k[3] for k in keys}) > 1
+        for x, key in enumerate(keys):
+            _strip(ax, x, [100 * s.acc for s in sel[key]], f"C{SRNN_MODELS.index(key[1])}")
+        ax.set_xticks(range(len(keys)),
+                      [METHOD_NAMES[k[1]] + (f"\n{_hidden_label(k[3])}" if several_sizes else "") for k in keys],
+                      fontsize=8)
+        ax.set(ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
+        ax.margins(x=0.15)
+    fig.suptitle("Neuron type: runs (points), mean ± sd (diamonds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def plot_ablation_tau(groups: dict, path: Path) -> Optional[str]:
+    """Fig. 6b: accuracy per train_tau setting (all / m / adp / none), per task, one series
+    per (neuron type, size)."""
+    # Only the (task, model, size) series run with two or more settings: the others compare nothing.
+    settings = {}
+    for task, model, tau, hidden in (k for k in groups if k[2] is not None):
+        settings.setdefault((task, model, hidden), set()).add(tau)
+    sel = {k: v for k, v in groups.items() if len(settings.get((k[0], k[1], k[3]), ())) > 1}
+    tasks = list(dict.fromkeys(k[0] for k in sel))
+    if not tasks:
+        return "no task has SRNN runs of one model and size with two or more train_tau settings (--train-tau)"
+    plt = _plt()
+    fig, axes = _panels(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
+        series = list(dict.fromkeys((k[1], k[3]) for k in sel if k[0] == task))
+        width = 0.8 / len(series)
+        for i, (model, hidden) in enumerate(series):
+            color = f"C{i}"
+            for x, tau in enumerate(TRAIN_TAU_ORDER):
+                runs = sel.get((task, model, tau, hidden))
+                if runs:
+                    _strip(ax, x - 0.4 + width * (i + 0.5) - 0.125, [100 * s.acc for s in runs], color)
+            ax.plot([], [], "D", color=color, label=f"{METHOD_NAMES[model]} {_hidden_label(hidden)}")
+        ax.set_xticks(range(len(TRAIN_TAU_ORDER)), [TRAIN_TAU_NAMES[t] for t in TRAIN_TAU_ORDER], fontsize=8)
+        ax.set(xlabel="time constants trained", ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
+        ax.legend(fontsize=7)
+    fig.suptitle("Time constants trained: runs (points), mean ± sd (diamonds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def plot_ablation_size(groups: dict, path: Path) -> Optional[str]:
+    """Fig. 5: accuracy vs Fr of every run (time constants all trained), colour = neuron
+    type, marker area = hidden neurons, per task."""
+    sel = {k: [s for s in v if s.fr is not None] for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
+    sel = {k: v for k, v in sel.items() if v}
+    tasks = [t for t in dict.fromkeys(k[0] for k in sel) if len({k[3] for k in sel if k[0] == t}) > 1]
+    if not tasks:
+        return "no task has SRNN runs (with a recorded Fr, all time constants trained) of two or more network sizes"
+    plt = _plt()
+    fig, axes = _panels(plt, len(tasks))
+    for ax, task in zip(axes, tasks):
+        keys = [k for k in sel if k[0] == task]
+        biggest = max(sum(k[3]) for k in keys)
+        for key in keys:
+            size = 20 + 280 * sum(key[3]) / biggest
+            color = f"C{SRNN_MODELS.index(key[1])}"
+            ax.scatter([s.fr for s in sel[key]], [100 * s.acc for s in sel[key]], s=size, color=color, alpha=0.6,
+                       edgecolors="k", linewidths=0.5, label=f"{METHOD_NAMES[key[1]]} {_hidden_label(key[3])}")
+        ax.set(xlabel="firing rate Fr (test set, selected epoch)", ylabel="test accuracy (%)",
+               title=TASK_NAMES.get(task, task))
+        ax.legend(fontsize=7, markerscale=0.6)
+    fig.suptitle("Accuracy vs Fr (marker area: hidden neurons)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+ABLATION_FIGURES = (("ablation_neuron.png", "Neuron type (the method's Fig. 6a)", plot_ablation_neuron),
+                    ("ablation_tau.png", "Trained vs frozen time constants (Fig. 6b)", plot_ablation_tau),
+                    ("ablation_size.png", "Accuracy vs Fr across network sizes (Fig. 5)", plot_ablation_size))
+
+
+def write_ablation(paths, out: Path, *, at_epoch: Optional[int] = None, command: Optional[str] = None) -> Path:
+    """Write OUT/ABLATION.md and OUT/figures/ablation_*.png for the runs at or below ``paths``."""
+    if at_epoch is not None and (isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or at_epoch < 1):
+        raise ValueError(f"at_epoch must be a positive int; got {at_epoch!r}")
+    runs = [load_run(p, EnergyCosts()) for p in find_runs(paths)]
+    groups = group_runs([select_epoch(r, at_epoch) for r in runs])
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    rule = (f"the test accuracy at the best validation epoch among epochs 1-{at_epoch} (metrics.csv `val_acc`)"
+            if at_epoch is not None else
+            "the test accuracy at the epoch each run selected (metrics.json `best_epoch`: on the validation set "
+            "where the run has one, `selected_on`)")
+    md = ["# Ablations", "",
+          f"{len(runs)} run folder(s) in {len(groups)} group(s) of equal task, model, train_tau (which time "
+          f"constants train; – for the baselines) and hidden layer sizes. Accuracy: {rule}; Fr: the test-set firing "
+          "rate (spikes per neuron per step over the recurrent layers) at that epoch. mean ± sd: over the group's "
+          "runs (sample sd; none for a single run); the runs differ in seed or data split. Epochs: the selected "
+          "epoch of each run, in the order of the run names.", "",
+          *([f"Generated with `{command}`.", ""] if command else []),
+          "## Groups", "", ablation_table(groups), ""]
+    mixed = [(k, v) for k, v in ((k, varying_settings(sel)) for k, sel in groups.items()) if v]
+    if mixed:
+        md += ["Groups whose runs differ in more than seed and split (compare with care):", "",
+               *[f"- {TASK_NAMES.get(k[0], k[0])}, {METHOD_NAMES.get(k[1], k[1])}, train_tau {k[2] or '–'}, "
+                 f"{_hidden_label(k[3])}: {', '.join(v)}" for k, v in mixed], ""]
+    md += ["## Figures", ""]
+    for name, title, plot in ABLATION_FIGURES:
+        skipped = plot(groups, figs / name)
+        md += [f"### {title}", "", f"Skipped: {skipped}." if skipped else f"![{title}](figures/{name})", ""]
+    path = out / "ABLATION.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------
 def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measure: bool = False,
@@ -411,6 +694,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIRS", help="run folders, or folders holding run folders")
     p.add_argument("--out", default="results", help="writes OUT/REPORT.md and OUT/figures/*.png")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of the report: OUT/ABLATION.md (runs grouped by task, model, train_tau and hidden "
+                        "sizes; mean ± sd over each group) and OUT/figures/ablation_{neuron,tau,size}.png")
+    p.add_argument("--at-epoch", type=int, metavar="E",
+                   help="with --ablation: each run's test accuracy at its best validation epoch among epochs 1..E "
+                        "(default: the epoch the run selected)")
     p.add_argument("--title", default="Results")
     p.add_argument("--e-mac", type=float, default=EnergyCosts.e_mac, help="energy of a MAC in pJ")
     p.add_argument("--e-ac", type=float, default=EnergyCosts.e_ac, help="energy of an AC in pJ")
@@ -421,6 +710,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "srnn_fast.report", *(sys.argv[1:] if argv is None else argv)])
+    if args.at_epoch is not None and not args.ablation:
+        p.error("--at-epoch applies to --ablation")
+    if args.at_epoch is not None and args.at_epoch < 1:
+        p.error(f"--at-epoch must be a positive epoch number; got {args.at_epoch}")
+    if args.ablation:
+        try:
+            path = write_ablation(args.runs, Path(args.out), at_epoch=args.at_epoch, command=command)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            p.error(str(e))
+        print(f"wrote {path}")
+        return 0
     try:
         costs = EnergyCosts(args.e_mac, args.e_ac)
         path = write_report(args.runs, Path(args.out), costs=costs, measure=args.measure, data_dir=args.data_dir,

@@ -12,8 +12,10 @@ every backend sees bitwise the decay factors of the reference):
                                             unless save and binary)
     bwd(grad_s [T,B,H], grad_u_T, grad_eta_T [B,H], w_rec, alpha, rho, u0, eta0, s0,
         u_seq, spikes (spk_bits if binary, else s [T,B,H]), binary: bool,
-        surrogate: int (0 gaussian, 1 multi_gaussian), b0, beta, dt, r_m, sigma, gamma)
-        -> grad_x [T,B,H] (= dL/dI_t), grad_alpha [H], grad_rho [H],
+        surrogate: int (0 gaussian, 1 multi_gaussian), b0, beta, dt, r_m, sigma, gamma,
+        need_grad_tau: bool = True)
+        -> grad_x [T,B,H] (= dL/dI_t), grad_alpha [H], grad_rho [H] (both [0] unless
+           need_grad_tau: frozen time constants, the kernel may skip their sums),
            grad_u0, grad_eta0, grad_s0 [B,H]
 
 x_proj may be float16/bfloat16 with float32 parameters; everything else shares w_rec's
@@ -215,9 +217,12 @@ class SRNNScanFunction(torch.autograd.Function):
         grad_s = torch.zeros_like(u_seq) if grad_s is None else grad_s.contiguous()
         grad_u_T = torch.zeros_like(u0) if grad_u_T is None else grad_u_T.contiguous()
         grad_eta_T = torch.zeros_like(u0) if grad_eta_T is None else grad_eta_T.contiguous()
+        # Frozen tau_m and tau_adp (buffers: alpha, rho need no gradient): the kernel skips
+        # the dL/dalpha, dL/drho sums. One of them trainable: both are computed.
+        need_tau = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         grad_x, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0 = kernels_for(backend).bwd(
             grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary,
-            surrogate, b0, beta, dt, r_m, sigma, gamma)
+            surrogate, b0, beta, dt, r_m, sigma, gamma, need_tau)
         # dW_rec[i, j] = sum_{t, b} dI_t[b, i] * s_{t-1}[b, j]: one op over all steps.
         if binary and _has_kernel("srnn_fast::grad_w_rec", u_seq.device.type.upper()):
             # The same sum straight from the bits, over active columns only (no unpacked copy).
@@ -226,6 +231,8 @@ class SRNNScanFunction(torch.autograd.Function):
             s_all = unpack_spikes(spikes, H, w_rec.dtype) if binary else spikes
             s_prev = torch.cat([s0.unsqueeze(0), s_all[:-1]])
             grad_w = grad_x.reshape(T * B, H).t() @ s_prev.reshape(T * B, H)
+        if not need_tau:
+            grad_alpha = grad_rho = None
         return (grad_x.to(ctx.x_dtype), grad_w, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0,
                 None, None, None, None, None, None, None, None, None)
 

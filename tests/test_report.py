@@ -80,3 +80,146 @@ def test_report_without_runs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+
+
+# ---------------------------------------------------------------------------------------
+# --ablation: groups of runs, written by hand in train.py's format (its own writers)
+# ---------------------------------------------------------------------------------------
+def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0, val=(0.5, 0.6), test=(0.4, 0.5),
+             fr=(0.1, 0.2), task="ecg", **extra):
+    """A run folder as srnn_fast.train writes it (config.json, metrics.json, metrics.csv),
+    with the given per-epoch validation / test accuracies and Fr; val=None: no validation."""
+    out = root / name
+    out.mkdir(parents=True)
+    cfg = {"task": task, "model": model, "hidden_sizes": list(hidden), "readout": "membrane", "decode": "per_step",
+           "epochs": len(test), "neuron": model if model in ("adaptive", "lif", "relu") else None, "seed": seed,
+           "data_seed": seed, "data": {"val_fraction": 0.2}, "input_size": 4, "num_classes": 6, "seq_len": 100,
+           "params": 1000, **extra}
+    if train_tau is not None:  # runs from before --train-tau have no such key
+        cfg["train_tau"] = train_tau
+    epochs = []
+    for i, (t, f) in enumerate(zip(test, fr)):
+        e = {"epoch": i + 1, "loss": 1.0, "train_acc": 0.5, "test_acc": t, "test_loss": 1.0, "test_acc_full": None,
+             "fr": f, "fr_layers": None if f is None else [f], "time_s": 1.0, "cpu_time_s": 1.0, "lr": 0.01,
+             "skipped_steps": 0}
+        if val is not None:
+            e.update(val_acc=val[i], val_loss=1.0)
+        epochs.append(e)
+    scores = [e["val_acc"] if val is not None else e["test_acc"] for e in epochs]
+    best = scores.index(max(scores))  # the first best, as training keeps it
+    metrics = {"epochs": epochs, "best_test_acc": epochs[best]["test_acc"], "best_epoch": best + 1,
+               "wall_time_s": 1.0, "params": 1000, "selected_on": "val" if val is not None else "test"}
+    if val is not None:
+        metrics["best_val_acc"] = val[best]
+    train._save_json(out / "config.json", cfg)
+    train._save_json(out / "metrics.json", metrics)
+    train._save_csv(out / "metrics.csv", epochs)
+    return out
+
+
+@pytest.fixture
+def ablation_runs(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (a, b) in enumerate([(0.70, 0.80), (0.72, 0.84), (0.74, 0.82)]):
+        fake_run(root, f"ad_s{seed}", seed=seed, val=(0.6, 0.7), test=(a, b), fr=(0.1, 0.15))
+        fake_run(root, f"ad_none_s{seed}", train_tau="none", seed=seed, val=(0.6, 0.5), test=(a - 0.1, b),
+                 fr=(0.2, 0.2))
+    fake_run(root, "ad_legacy", train_tau=None, val=(0.6, 0.7), test=(0.7, 0.76), fr=(0.1, 0.15))  # no train_tau: all
+    fake_run(root, "ad_m", train_tau="m", val=(0.7, 0.6), test=(0.65, 0.6))
+    fake_run(root, "ad_64", hidden=(64,), val=(0.6, 0.7), test=(0.7, 0.9), fr=(0.05, 0.06))
+    fake_run(root, "lif_s0", model="lif", val=(0.6, 0.7), test=(0.7, 0.86), fr=(0.3, 0.4))
+    fake_run(root, "lif_s1", model="lif", seed=1, val=(0.6, 0.7), test=(0.7, 0.88), fr=(0.3, 0.41))
+    fake_run(root, "lstm", model="lstm", train_tau=None, val=(0.6, 0.7), test=(0.7, 0.81), fr=(None, None))
+    return root
+
+
+def _group_row(text, method, tau, hidden):
+    rows = [l for l in text.splitlines() if l.startswith(f"| ECG (QTDB) | {method} | {tau} | {hidden} |")]
+    assert len(rows) == 1, (method, tau, hidden, rows)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def test_ablation_groups_tables_and_figures(ablation_runs, tmp_path):
+    out = tmp_path / "results"
+    assert report.main(["--ablation", str(ablation_runs), "--out", str(out)]) == 0
+    text = (out / "ABLATION.md").read_text()
+    # adaptive, all trained, 36: three seeds plus the run from before --train-tau
+    row = _group_row(text, "Adaptive SRNN", "all", "36")
+    accs = [80, 84, 82, 76]
+    mean, sd = np.mean(accs), np.std(accs, ddof=1)
+    assert row[4:8] == ["4", f"{mean:.2f} ± {sd:.2f}", "76.00", "84.00"]
+    assert row[8] == f"{0.15:.4f} ± {0.0:.4f}" and row[9] == "2, 2, 2, 2"
+    assert row[10] == "ad_legacy, ad_s0, ad_s1, ad_s2"
+    # frozen taus: validation picked epoch 1 in every run, so its test accuracies count
+    row = _group_row(text, "Adaptive SRNN", "none", "36")
+    frozen = [60, 62, 64]
+    assert row[4:6] == ["3", f"{np.mean(frozen):.2f} ± {np.std(frozen, ddof=1):.2f}"] and row[9] == "1, 1, 1"
+    assert _group_row(text, "Adaptive SRNN", "m", "36")[4:6] == ["1", "65.00"]  # one run: no sd
+    assert _group_row(text, "Adaptive SRNN", "all", "64")[4] == "1"
+    assert _group_row(text, "LIF SRNN", "all", "36")[4] == "2"
+    assert _group_row(text, "LSTM", "–", "36")[8] == "–"  # a baseline: no train_tau, no Fr
+    assert "Skipped" not in text
+    for name in ("ablation_neuron.png", "ablation_tau.png", "ablation_size.png"):
+        data = (out / "figures" / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, name
+        assert f"(figures/{name})" in text
+
+
+def test_ablation_at_epoch(ablation_runs, tmp_path):
+    root = tmp_path / "more"
+    fake_run(root, "long", val=(0.5, 0.7, 0.7, 0.9), test=(0.4, 0.6, 0.65, 0.8), fr=(0.1, 0.2, 0.3, 0.4))
+    r = report.load_run(root / "long", report.EnergyCosts())
+    assert (report.select_epoch(r).epoch, report.select_epoch(r).acc) == (4, 0.8)
+    sel = report.select_epoch(r, at_epoch=3)  # epochs 2 and 3 tie on validation: the earlier, as training picks
+    assert (sel.epoch, sel.acc, sel.fr, sel.val_acc) == (2, 0.6, 0.2, 0.7)
+    assert report.select_epoch(r, at_epoch=1).epoch == 1
+    with pytest.raises(ValueError, match="only 4 epochs"):
+        report.select_epoch(r, at_epoch=5)
+    fake_run(root, "no_val", val=None, test=(0.4, 0.6))
+    with pytest.raises(ValueError, match="no val_acc"):
+        report.select_epoch(report.load_run(root / "no_val", report.EnergyCosts()), at_epoch=1)
+
+    out = tmp_path / "results"
+    assert report.main(["--ablation", str(ablation_runs), "--at-epoch", "1", "--out", str(out)]) == 0
+    row = _group_row((out / "ABLATION.md").read_text(), "Adaptive SRNN", "all", "36")
+    assert row[4:6] == ["4", f"{np.mean([70, 72, 74, 70]):.2f} ± {np.std([70, 72, 74, 70], ddof=1):.2f}"]
+    assert row[9] == "1, 1, 1, 1" and "epochs 1-1" in (out / "ABLATION.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--at-epoch", "3"], "--at-epoch applies to --ablation"),
+    (["--ablation", "--at-epoch", "0"], "--at-epoch must be a positive epoch number"),
+    (["--ablation", "--at-epoch", "3"], "has only 2 epochs"),
+])
+def test_ablation_cli_errors(argv, message, ablation_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(ablation_runs), "--out", str(tmp_path / "out")] + argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_ablation_skips_figures_without_a_comparison(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "a0")
+    fake_run(root, "a1", seed=1, lr=0.1)
+    out = tmp_path / "results"
+    report.write_ablation([root], out)
+    text = (out / "ABLATION.md").read_text()
+    assert text.count("Skipped: no task has") == 3
+    assert not list((out / "figures").glob("ablation_*.png"))
+    assert "Adaptive SRNN, train_tau all, 36: lr" in text  # the group mixes learning rates: said
+
+
+def test_ablation_on_trained_runs(runs, tmp_path):
+    """The runs the training CLI wrote (no validation split): grouped by model; --at-epoch
+    needs validation and says so."""
+    out = tmp_path / "results"
+    assert report.main(["--ablation", str(runs / "all"), "--out", str(out)]) == 0
+    text = (out / "ABLATION.md").read_text()
+    for model, method, tau in (("adaptive", "Adaptive SRNN", "all"), ("lif", "LIF SRNN", "all"),
+                               ("lstm", "LSTM", "–")):
+        met = json.loads((runs / "all" / f"ecg_{model}" / "metrics.json").read_text())
+        row = _group_row(text, method, tau, "6")
+        assert row[4:6] == ["1", f"{100 * met['best_test_acc']:.2f}"] and row[10] == f"ecg_{model}"
+    assert (out / "figures" / "ablation_neuron.png").read_bytes().startswith(PNG)
+    with pytest.raises(ValueError, match="no val_acc"):
+        report.write_ablation([runs / "all"], out, at_epoch=1)

@@ -141,8 +141,8 @@ def _(x_proj, w_rec, alpha, rho, u0, eta0, s0, binary, b0, beta, dt, r_m, save):
 @torch.library.custom_op("srnn_fast::triton_scan_bwd", mutates_args=())
 def scan_bwd(grad_s: Tensor, grad_u_T: Tensor, grad_eta_T: Tensor, w_rec: Tensor, alpha: Tensor, rho: Tensor,
              u0: Tensor, eta0: Tensor, s0: Tensor, u_seq: Tensor, spikes: Tensor, binary: bool, surrogate: int,
-             b0: float, beta: float, dt: float, r_m: float, sigma: float,
-             gamma: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             b0: float, beta: float, dt: float, r_m: float, sigma: float, gamma: float,
+             need_grad_tau: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, B, H = u_seq.shape
     dtype, dev = w_rec.dtype, u_seq.device
     block_h = _block_h(H, dtype)
@@ -158,6 +158,8 @@ def scan_bwd(grad_s: Tensor, grad_u_T: Tensor, grad_eta_T: Tensor, w_rec: Tensor
                 u_seq.contiguous(), spikes.contiguous(), _params(dtype, dev, b0, beta, dt, r_m, sigma, gamma),
                 eta_scratch, grad_x, part_alpha, part_rho, grad_u0, grad_eta0, grad_s0, T, B, H, (H + 31) // 32,
                 BINARY=binary, SURROGATE=surrogate, **_launch_options("scan_bwd_kernel", dtype, block_h))
+    if not need_grad_tau:  # frozen time constants: the kernel's partial sums are dropped ([0], the contract)
+        return grad_x, alpha.new_empty(0), alpha.new_empty(0), grad_u0, grad_eta0, grad_s0
     # Partial sums per program, reduced here: deterministic for any number of programs.
     grad_alpha = part_alpha.sum(0) / (1 - alpha)
     return grad_x, grad_alpha, part_rho.sum(0), grad_u0, grad_eta0, grad_s0
@@ -165,7 +167,8 @@ def scan_bwd(grad_s: Tensor, grad_u_T: Tensor, grad_eta_T: Tensor, w_rec: Tensor
 
 @scan_bwd.register_fake
 def _(grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary, surrogate,
-      b0, beta, dt, r_m, sigma, gamma):
+      b0, beta, dt, r_m, sigma, gamma, need_grad_tau=True):
     T, B, H = u_seq.shape
     new = w_rec.new_empty
-    return new(T, B, H), new(H), new(H), new(B, H), new(B, H), new(B, H)
+    tau = H if need_grad_tau else 0
+    return new(T, B, H), new(tau), new(tau), new(B, H), new(B, H), new(B, H)
