@@ -56,8 +56,11 @@ def _extension() -> str:
 
 
 def _cpu_in_use() -> str:
+    from . import _ops
     from .scan import cpu_capability
 
+    if _ops.EXTENSION_ERROR is not None:
+        return "none (the extension is not loaded)"
     forced = os.environ.get("SRNN_FAST_CPU_CAPABILITY")
     why = f"SRNN_FAST_CPU_CAPABILITY={forced}" if forced else "the best this CPU supports"
     return f"{cpu_capability()} ({why})"

@@ -59,7 +59,7 @@ def test_a_bad_cpu_capability_is_reported_not_raised():
     if _ops.EXTENSION_ERROR is None:
         assert "error: RuntimeError" in line and "avx9000" in line, line
     else:
-        assert "error: BackendUnavailableError" in line, line
+        assert line.endswith("none (the extension is not loaded)"), line
 
 
 def test_data_folder_from_the_environment(tmp_path, monkeypatch):
