@@ -61,9 +61,16 @@ def _cpu_in_use() -> str:
 
     if _ops.EXTENSION_ERROR is not None:
         return "none (the extension is not loaded)"
-    forced = os.environ.get("SRNN_FAST_CPU_CAPABILITY")
-    why = f"SRNN_FAST_CPU_CAPABILITY={forced}" if forced else "the best this CPU supports"
-    return f"{cpu_capability()} ({why})"
+    from . import _C
+
+    in_use, forced = cpu_capability(), os.environ.get("SRNN_FAST_CPU_CAPABILITY")
+    if forced and forced.strip().lower() == in_use:
+        why = f"SRNN_FAST_CPU_CAPABILITY={forced}"
+    elif in_use == _C.supported_cpu_capabilities()[0]:
+        why = "the best this CPU supports"
+    else:  # chosen in this process (tests, benchmarks)
+        why = "set by srnn_fast._C.set_cpu_capability"
+    return f"{in_use} ({why})"
 
 
 def _cpu_supported() -> str:

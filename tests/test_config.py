@@ -48,6 +48,20 @@ def test_cpu_kernels_in_use_and_supported():
     assert r["CPU kernels this CPU runs"] == ", ".join(_C.supported_cpu_capabilities())
 
 
+@needs_ext
+def test_cpu_kernels_chosen_in_process_say_so():
+    from srnn_fast import _C
+
+    supported, previous = _C.supported_cpu_capabilities(), _C.cpu_capability()
+    if len(supported) < 2:
+        pytest.skip("this CPU runs one build only")
+    _C.set_cpu_capability(supported[-1])
+    try:
+        assert rows()["CPU kernels in use"] == f"{supported[-1]} (set by srnn_fast._C.set_cpu_capability)"
+    finally:
+        _C.set_cpu_capability(previous)
+
+
 def test_a_bad_cpu_capability_is_reported_not_raised():
     """The report must come out when something is broken: a value the kernels refuse is
     shown as the error (in a fresh process: the choice is read once)."""
