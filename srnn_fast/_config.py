@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)

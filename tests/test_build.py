@@ -53,7 +53,7 @@ def test_the_build_says_what_it_compiles(tmp_path):
                         "--build-lib", str(tmp_path / "b")], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode != 0, "the compile with CC=false succeeded?"
-    lines = [l for l in p.stdout.splitlines() if l.startswith("srnn_fast: building")]
+    lines = [line for line in p.stdout.splitlines() if line.startswith("srnn_fast: building")]
     assert len(lines) == 1, p.stdout + p.stderr
     isas = "avx512, avx2, default (x86-64)" if platform.machine() in ("x86_64", "AMD64") else "default ("
     assert lines[0].startswith(f"srnn_fast: building the CPU kernels for {isas}"), lines[0]

@@ -69,7 +69,7 @@ def test_a_bad_cpu_capability_is_reported_not_raised():
     env = dict(os.environ, SRNN_FAST_CPU_CAPABILITY="avx9000")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    line = next(l for l in p.stdout.splitlines() if l.startswith("CPU kernels in use:"))
+    line = next(row for row in p.stdout.splitlines() if row.startswith("CPU kernels in use:"))
     if _ops.EXTENSION_ERROR is None:
         assert "error: RuntimeError" in line and "avx9000" in line, line
     else:
