@@ -39,6 +39,12 @@ def test_metadata_needs_no_torch(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "srnn_fast"
+    # egg_info: what pip and build run first, and what lists the sdist's files.
+    p = subprocess.run([sys.executable, "setup.py", "egg_info", "--egg-base", str(tmp_path)], cwd=ROOT,
+                       env=fake_no_torch_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    sources = (tmp_path / "srnn_fast.egg-info" / "SOURCES.txt").read_text().split()
+    assert "csrc/scan_cuda.cu" in sources and "csrc/cpu_isa.h" in sources, sources
 
 
 def test_the_build_says_what_it_compiles(tmp_path):
