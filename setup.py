@@ -3,14 +3,18 @@
 The C++ (CPU) part is always built. The CUDA part is built where torch has CUDA and nvcc
 is found, or as SRNN_FAST_BUILD_CUDA says: "auto" (default), "0" (never), "1" (always;
 fails loudly without nvcc). SRNN_FAST_CUDA_ARCHS sets the targets (default "9.0;8.0").
+Compiling prints one line saying what it builds. Packaging the sources (python -m build
+--sdist, egg_info) needs no torch; compiling without torch stops with the command to run.
 """
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 def nvcc_toolkit_root():
@@ -28,7 +32,24 @@ def nvcc_toolkit_root():
     return os.path.normpath(m.group(1).strip()) if m else None  # TOP is <root>/bin/..
 
 
+NO_TORCH = (
+    "srnn_fast compiles its kernels against the torch you have installed, and this build "
+    "environment has no torch (pip builds in an isolated environment unless told not to). "
+    "Install torch first, then build without isolation:\n"
+    "    pip install torch\n"
+    "    pip install srnn_fast-VERSION.tar.gz --no-build-isolation   (a release's sdist)\n"
+    "    pip install -e . --no-build-isolation                       (a source tree)")
+
+
+def x86_isas():
+    """Whether the compiler targets x86-64, where csrc/cpu_isa.h builds the avx512 and avx2
+    kernels beside the portable one (its SRNN_X86_ISAS: x86-64 with GCC or Clang, which is
+    what torch's extension build uses on Linux and macOS)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
+
+
 ext_modules, cmdclass = [], {}
+torch = None  # stays None where torch cannot be imported
 cpp_sources = sorted(glob.glob("csrc/*.cpp"))
 if cpp_sources:
     if os.environ.get("SRNN_FAST_BUILD_CUDA", "auto") != "0" and not (os.environ.get("CUDA_HOME")
@@ -39,12 +60,19 @@ if cpp_sources:
     try:
         import torch
     except ImportError:  # pip's isolated build environment: torch is deliberately not a build requirement
-        raise SystemExit(
-            "srnn_fast compiles its kernels against the torch you have installed, and this build "
-            "environment has no torch (pip builds in an isolated environment unless told not to). "
-            "Install torch first, then build without isolation:\n"
-            "    pip install torch\n"
-            "    pip install -e . --no-build-isolation") from None
+        pass
+
+if cpp_sources and torch is None:
+    # Commands that only package or describe the sources (sdist, egg_info, --name) need no
+    # torch: the extension is declared with its sources (so the build is marked as platform
+    # specific), and compiling it stops with the fix.
+    class NoTorchBuildExt(build_ext):
+        def run(self):
+            raise SystemExit(NO_TORCH)
+
+    ext_modules = [Extension("srnn_fast._C", cpp_sources)]
+    cmdclass = {"build_ext": NoTorchBuildExt}
+elif cpp_sources:
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     mode = os.environ.get("SRNN_FAST_BUILD_CUDA", "auto")
@@ -71,9 +99,28 @@ if cpp_sources:
                             extra_compile_args={"cxx": cxx + ["-DSRNN_FAST_WITH_CUDA"],
                                                 "nvcc": ["-O3", "--fmad=false", "-DSRNN_FAST_WITH_CUDA", "-lineinfo"]},
                             **kwargs)
+        cuda_note = f"yes (CUDA {torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})"
+    elif mode == "0":
+        cuda_note = "no (SRNN_FAST_BUILD_CUDA=0)"
+    elif not cuda_sources:
+        cuda_note = "no (no csrc/*.cu)"
+    elif not torch.version.cuda:
+        cuda_note = "no (torch has no CUDA)"
     else:
+        cuda_note = f"no (nvcc not found; torch has CUDA {torch.version.cuda})"
+    if not build_cuda:
         ext = CppExtension("srnn_fast._C", cpp_sources, extra_compile_args=cxx, **kwargs)
     ext_modules = [ext]
-    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    isas = ("avx512, avx2, default (x86-64)" if x86_isas()
+            else f"default ({platform.machine()}: the portable build only)")
+    # One line saying what is compiled, printed when it is (not by sdist or egg_info).
+    summary = f"srnn_fast: building the CPU kernels for {isas}; CUDA kernels: {cuda_note}; torch {torch.__version__}"
+
+    class SummaryBuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+        def run(self):
+            print(summary, flush=True)
+            super().run()
+
+    cmdclass = {"build_ext": SummaryBuildExt}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
