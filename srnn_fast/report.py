@@ -225,6 +225,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    """Lays out, writes (PNG, 100 dpi) and closes a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -249,9 +256,7 @@ def plot_learning_curve(run: Run, path: Path) -> None:
     b.legend(loc="upper left")
     fig.suptitle(f"{run.name}: {METHOD_NAMES.get(run.model, run.model)} {run.network} on "
                  f"{TASK_NAMES.get(run.task, run.task)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_taus(run: Run, init, trained, path: Path) -> None:
@@ -269,9 +274,7 @@ def plot_taus(run: Run, init, trained, path: Path) -> None:
         ax.set(xlabel=f"{label} (steps)", ylabel="neurons", title=label)
         ax.legend()
     fig.suptitle(f"{run.name}: time constants of the recurrent layers")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_pareto(runs, path: Path) -> bool:
@@ -300,9 +303,7 @@ def plot_pareto(runs, path: Path) -> bool:
         ax.axvline(1, color="gray", lw=0.5)
         ax.margins(0.15)
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -325,9 +326,7 @@ def plot_acc_vs_fr(runs, path: Path) -> bool:
     ax.set(xlabel="firing rate (spikes / neuron / step, test set)", ylabel="test accuracy (%)",
            title="accuracy vs firing rate across network sizes")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -515,9 +514,7 @@ def plot_ablation_neuron(groups: dict, path: Path) -> Optional[str]:
         ax.set(ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
         ax.margins(x=0.15)
     fig.suptitle("Neuron type: runs (points), mean ± sd (diamonds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return None
 
 
@@ -548,9 +545,7 @@ def plot_ablation_tau(groups: dict, path: Path) -> Optional[str]:
         ax.set(xlabel="time constants trained", ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
         ax.legend(fontsize=7)
     fig.suptitle("Time constants trained: runs (points), mean ± sd (diamonds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return None
 
 
@@ -576,9 +571,7 @@ def plot_ablation_size(groups: dict, path: Path) -> Optional[str]:
                title=TASK_NAMES.get(task, task))
         ax.legend(fontsize=7, markerscale=0.6)
     fig.suptitle("Accuracy vs Fr (marker area: hidden neurons)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return None
 
 

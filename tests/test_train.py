@@ -359,6 +359,8 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "ecg", "--grad-clip", "-1"], "expected a positive norm, or 0 / none"),
     (["--task", "ecg", "--lr-step", "5", "--lr-milestones", "25"], "two schedules: give one"),
     (["--task", "ecg", "--preset", "mnist_256_128"], "--preset mnist_256_128 is for --task smnist / psmnist"),
+    (["--task", "ecg", "--train-tau", "m", "--model", "lstm"], "--train-tau applies to the SRNN models"),
+    (["--task", "ecg", "--train-tau", "tau_m"], "invalid choice"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -183,14 +183,3 @@ def test_cli_default_trains_all():
     parser = T.make_parser()
     cfg = T.config_from_args(parser.parse_args(["--task", "ecg"]), parser)
     assert cfg["train_tau"] == "all"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--task", "ecg", "--train-tau", "m", "--model", "lstm"], "--train-tau applies to the SRNN models"),
-    (["--task", "ecg", "--train-tau", "tau_m"], "invalid choice"),
-])
-def test_cli_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exc:
-        T.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
