@@ -221,7 +221,7 @@ class AdaptiveSRNN(nn.Module):
             nn.init.xavier_uniform_(self.output.weight)
             nn.init.zeros_(self.output.bias)
             _time_constant(self, "tau_out", torch.empty(output_size, **factory),
-                           layer_kwargs.get("train_tau", "all") in ("all", "m"))
+                           isinstance(self.layers[0].tau_m, nn.Parameter))  # trains with tau_m
             _normal_init(self.tau_out, tau_out_init, floor=self.dt)
         else:
             out_kwargs = {k: v for k, v in layer_kwargs.items() if k != "neuron"}

@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from .energy import EnergyCosts, compare_table, estimate_energy, measure_ops
+from .train import SRNN_MODELS
 
 METHOD_NAMES = {"adaptive": "Adaptive SRNN", "lif": "LIF SRNN", "relu": "RELU SRNN", "lstm": "LSTM",
                 "gru": "GRU", "rnn": "Vanilla RNN", "bilstm": "Bi-LSTM"}
@@ -352,7 +353,6 @@ def measure_run(run: Run, trained, data_dir: Optional[str], limit: int, batch_si
 # ---------------------------------------------------------------------------------------
 # Ablations (the method's Fig. 5 and 6): groups of runs that differ in one setting
 # ---------------------------------------------------------------------------------------
-SRNN_MODELS = ("adaptive", "lif", "relu")
 TRAIN_TAU_ORDER = ("all", "m", "adp", "none")
 TRAIN_TAU_NAMES = {"all": "all (tau_m, tau_adp)", "m": "tau_m only", "adp": "tau_adp only", "none": "none"}
 
@@ -470,7 +470,7 @@ def ablation_table(groups: dict) -> str:
             mean, sd = _mean_sd(frs)
             fr = f"{mean:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
         rows.append(f"| {TASK_NAMES.get(task, task)} | {METHOD_NAMES.get(model, model)} | {tau or '–'} | "
-                    f"{'-'.join(map(str, hidden))} | {len(sel)} | {_pct_mean_sd(accs)} | {100 * min(accs):.2f} | "
+                    f"{_hidden_label(hidden)} | {len(sel)} | {_pct_mean_sd(accs)} | {100 * min(accs):.2f} | "
                     f"{100 * max(accs):.2f} | {fr} | {', '.join(str(s.epoch) for s in sel)} | "
                     f"{', '.join(s.run.name for s in sel)} |")
     return "\n".join(rows)
@@ -494,11 +494,21 @@ def _hidden_label(hidden) -> str:
     return "-".join(map(str, hidden))
 
 
+def _all_trained(groups: dict) -> dict:
+    """The SRNN groups with every time constant trained (what Fig. 6a and Fig. 5 compare)."""
+    return {k: v for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
+
+
+def _tasks_varying(sel: dict, field: int) -> list:
+    """The tasks (in order) whose groups in ``sel`` take two or more values of key[field]."""
+    return [t for t in dict.fromkeys(k[0] for k in sel) if len({k[field] for k in sel if k[0] == t}) > 1]
+
+
 def plot_ablation_neuron(groups: dict, path: Path) -> Optional[str]:
     """Fig. 6a: accuracy per SRNN neuron type per task (time constants all trained). Returns
     None when drawn, else why not."""
-    sel = {k: v for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
-    tasks = [t for t in dict.fromkeys(k[0] for k in sel) if len({k[1] for k in sel if k[0] == t}) > 1]
+    sel = _all_trained(groups)
+    tasks = _tasks_varying(sel, 1)
     if not tasks:
         return "no task has runs of two or more neuron types (adaptive / lif / relu) with all time constants trained"
     plt = _plt()
@@ -552,9 +562,9 @@ def plot_ablation_tau(groups: dict, path: Path) -> Optional[str]:
 def plot_ablation_size(groups: dict, path: Path) -> Optional[str]:
     """Fig. 5: accuracy vs Fr of every run (time constants all trained), colour = neuron
     type, marker area = hidden neurons, per task."""
-    sel = {k: [s for s in v if s.fr is not None] for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
+    sel = {k: [s for s in v if s.fr is not None] for k, v in _all_trained(groups).items()}
     sel = {k: v for k, v in sel.items() if v}
-    tasks = [t for t in dict.fromkeys(k[0] for k in sel) if len({k[3] for k in sel if k[0] == t}) > 1]
+    tasks = _tasks_varying(sel, 3)
     if not tasks:
         return "no task has SRNN runs (with a recorded Fr, all time constants trained) of two or more network sizes"
     plt = _plt()

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.mnist import rbf_density_gain
+from .modules import TRAIN_TAU
 
 SPIKING = ("adaptive", "lif")
 SRNN_MODELS = ("adaptive", "lif", "relu")
@@ -263,7 +264,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=("count", "last", "max", "mean", "per_step"))
     p.add_argument("--tau-m-init", type=_pair, help="MEAN,STD of the membrane time constants")
     p.add_argument("--tau-adp-init", type=_pair, help="MEAN,STD of the adaptation time constants")
-    p.add_argument("--train-tau", choices=("all", "none", "m", "adp"), default="all",
+    p.add_argument("--train-tau", choices=TRAIN_TAU, default="all",
                    help="time constants that train: all (tau_m, tau_adp, tau_out), none, m (tau_m and tau_out) "
                         "or adp (tau_adp); frozen ones keep their initial values (the method's Fig. 6b ablation)")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
