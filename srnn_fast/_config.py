@@ -99,11 +99,10 @@ def _data_folder() -> str:
 
 
 def _cache_folder() -> str:
-    from .data.common import ENV_CACHE
+    from .data.common import ENV_CACHE, cache_dir_path
 
     value = os.environ.get(ENV_CACHE)
-    # Not resolve_cache_dir: that creates the folder, and a report should change nothing.
-    path = pathlib.Path(value or pathlib.Path.home() / ".cache" / "srnn_fast").expanduser()
+    path = cache_dir_path()  # not resolve_cache_dir: that creates it, and a report changes nothing
     return f"{path} ({'from $' + ENV_CACHE if value else 'default'}{', exists' if path.is_dir() else ''})"
 
 

@@ -36,12 +36,18 @@ def resolve_data_dir(data_dir=None) -> pathlib.Path:
     return path
 
 
-def resolve_cache_dir(cache_dir=None) -> pathlib.Path:
+def cache_dir_path(cache_dir=None) -> pathlib.Path:
     """Where preprocessed arrays are cached: ``cache_dir``, else ``$SRNN_FAST_CACHE``, else
-    ``~/.cache/srnn_fast`` (the data folder may be read-only, so the cache never lives there)."""
+    ``~/.cache/srnn_fast`` (the data folder may be read-only, so the cache never lives there).
+    Only the path: nothing is created."""
     if cache_dir is None:
         cache_dir = os.environ.get(ENV_CACHE) or pathlib.Path.home() / ".cache" / "srnn_fast"
-    path = pathlib.Path(cache_dir).expanduser()
+    return pathlib.Path(cache_dir).expanduser()
+
+
+def resolve_cache_dir(cache_dir=None) -> pathlib.Path:
+    """``cache_dir_path(cache_dir)``, created if missing."""
+    path = cache_dir_path(cache_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
