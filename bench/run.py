@@ -538,6 +538,7 @@ def main(argv=None) -> int:
             results[shape_name][c]["error"] = f"fails the correctness check: {invalid[c]}"
 
     valid_fused = [f for f in fused if f in contenders and not invalid.get(f)]
+    results = combine_rounds(rounds)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else _cpu_name() + f", {os.cpu_count()} CPUs")
     report = {
@@ -550,10 +551,9 @@ def main(argv=None) -> int:
                  "cpu_model": _cpu_name(), "cpu_avx512": "avx512f" in _cpu_flags(), "cpu_avx2": "avx2" in _cpu_flags(),
                  "cpu_capability": cpu_build,
                  "cpu_capabilities_run": [split_capability(f)[1] or cpu_build for f in fused if f.startswith("cpp")]},
-        "results": combine_rounds(rounds),
-        "ratios": None,
+        "results": results,
+        "ratios": combine_ratios([ratios(res, valid_fused) for res in rounds], results),
     }
-    report["ratios"] = combine_ratios([ratios(res, valid_fused) for res in rounds], report["results"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
