@@ -12,7 +12,11 @@ from .scan import srnn_scan
 
 READOUTS = ("integrator", "spiking", "membrane")
 DECODERS = ("count", "last", "max", "mean", "per_step")
-INIT_STATES = ("uniform", "zeros")
+# Initial membrane without a given state: "uniform" U(0, 1) in training and 0 in evaluation;
+# "uniform_always" U(0, 1) in both (the method's code: a network trained on random starts can
+# rely on the first steps' burst of spikes, and then fails from u = 0; PS-MNIST: 61 % vs 31 %);
+# "zeros" 0 in both.
+INIT_STATES = ("uniform", "zeros", "uniform_always")
 # Which time constants train: tau_m and tau_adp ("all"), only one of them, or neither. A
 # frozen one stays at its initial value as a buffer under the same name, so optimizers,
 # checkpoints, torch.compile and DDP see exactly the trainable ones.
@@ -99,10 +103,12 @@ class SRNNLayer(nn.Module):
     ``w_rec`` [H, H] (orthogonal; absent when ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5),
     ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
     shape [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched) and s shaped alike.
-    Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``) or
-    u = 0, with eta = b0 and s = 0. ``train_tau``: which time constants are parameters
-    ("all", "m": tau_m only, "adp": tau_adp only, "none"); the others are buffers that keep
-    their initial values (same state_dict keys).
+    Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``), in
+    training and evaluation (``"uniform_always"``; drawn from torch's global RNG, so seed it
+    for a repeatable evaluation), else from u = 0; always with eta = b0 and s = 0.
+    ``train_tau``: which time constants are parameters ("all", "m": tau_m only, "adp":
+    tau_adp only, "none"); the others are buffers that keep their initial values (same
+    state_dict keys).
     """
 
     def __init__(self, input_size: int, hidden_size: int, *, neuron: str = "adaptive", batch_first: bool = False,
@@ -148,7 +154,7 @@ class SRNNLayer(nn.Module):
 
     def initial_state(self, batch: int) -> SRNNState:
         w = self.w_rec
-        if self.training and self.init_state == "uniform":
+        if self.init_state == "uniform_always" or (self.training and self.init_state == "uniform"):
             u = torch.rand(batch, self.hidden_size, device=w.device, dtype=w.dtype)
         else:
             u = w.new_zeros(batch, self.hidden_size)

@@ -62,6 +62,13 @@ def test_initialisation():
     layer.eval()
     assert (layer.initial_state(2).u == 0).all()
     assert (SRNNLayer(2, 3, init_state="zeros").initial_state(2).u == 0).all()
+    always = SRNNLayer(2, 3, init_state="uniform_always").eval()  # random in evaluation too
+    u = always.initial_state(50).u
+    assert (u >= 0).all() and (u < 1).all() and u.std() > 0.2
+    torch.manual_seed(3)
+    first = always.initial_state(4).u
+    torch.manual_seed(3)
+    assert torch.equal(always.initial_state(4).u, first)  # from torch's global RNG
 
 
 @pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])

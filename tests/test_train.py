@@ -122,6 +122,11 @@ def test_mnist_presets_resolve_to_the_methods_networks():
     assert cfg["lr_step"] == 10 and cfg["lr_milestones"] is None
     assert _config(["--task", "ecg"])["b0"] == 0.01 and _config(["--task", "ecg", "--b0", "0.2"])["b0"] == 0.2
     assert _config(["--task", "smnist", "--grad-clip", "none"])["grad_clip"] == 0.0  # 0: no clipping
+    # random initial membranes in evaluation too for MNIST (the method's code); flags override
+    assert _config(["--task", "psmnist"])["init_state"] == "uniform_always"
+    assert _config(["--task", "smnist", "--preset", "mnist_256_128"])["init_state"] == "uniform_always"
+    assert _config(["--task", "ecg"])["init_state"] == "uniform"
+    assert _config(["--task", "psmnist", "--init-state", "zeros"])["init_state"] == "zeros"
 
 
 def test_lr_milestones_schedule():
@@ -311,6 +316,29 @@ def test_evaluate_scores_fully_labelled_sequences_apart():
     data = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 0]))
     out = T.evaluate(_FixedLogits(logits[:, -1]), data, cfg, torch.device("cpu"), torch.float32, 0, 1)
     assert out["test_acc"] == pytest.approx(2 / 3) and out["test_acc_full"] is None
+
+
+def test_evaluate_random_initial_states_are_repeatable_and_leave_training_rng():
+    """init_state="uniform_always": evaluation draws random membranes (they change the output)
+    under its own fixed seed, so two evaluations agree and the training RNG does not move."""
+    cfg = {"model": "adaptive", "input_size": 3, "hidden_sizes": [6], "num_classes": 2, "readout": "integrator",
+           "decode": "mean", "backend": "reference", "tau_out_init": [20.0, 5.0], "tau_m_init": [20.0, 5.0],
+           "tau_adp_init": [150.0, 10.0], "b0": 0.01, "surrogate": "gaussian", "init_state": "uniform_always",
+           "batch_size": 4, "data": {}, "seed": 0}
+    torch.manual_seed(0)
+    net = T.build_model(cfg).double()
+    data = torch.utils.data.TensorDataset(torch.rand(10, 12, 3) * 0.2, torch.randint(0, 2, (10,)))
+    dev = torch.device("cpu")
+    before = torch.get_rng_state()
+    first = T.evaluate(net, data, cfg, dev, torch.float64, 0, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert T.evaluate(net, data, cfg, dev, torch.float64, 0, 1) == first
+    other = T.evaluate(net, data, dict(cfg, seed=1), dev, torch.float64, 0, 1)
+    assert other["test_loss"] != first["test_loss"]  # the seed draws other states: they are random
+    for layer in net.modules():
+        if hasattr(layer, "init_state"):
+            layer.init_state = "uniform"  # evaluation from u = 0: not what uniform_always scored
+    assert T.evaluate(net, data, cfg, dev, torch.float64, 0, 1)["test_loss"] != first["test_loss"]
 
 
 def test_global_batches_split_and_drop():
