@@ -361,7 +361,7 @@ def measure_ops(model: nn.Module, batches: Iterable) -> list:
             seen.clear()
             model(x.to(next(model.parameters()).device))
             if "readout" not in seen:  # the membrane readout runs its scan without calling the module: call it
-                model.output(seen[mods[-2][0]][1])  # on the last layer's spikes (eval: zero initial state, as there)
+                model.output(seen[mods[-2][0]][1])  # on the last layer's spikes, from its own initial state as there
             for name, mod in mods:
                 xi, s = seen[name]
                 if xi.dim() == 2:  # a module called on [T, I] unbatched input

@@ -206,7 +206,7 @@ def initial_and_trained(run: Run):
         return init, None
     trained = _rebuild(run.config)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    trained.load_state_dict(state["model"])
+    trained.load_state_dict(state.get("ema", state["model"]))  # the weights that were evaluated (--ema)
     return init, trained
 
 
@@ -344,7 +344,11 @@ def measure_run(run: Run, trained, data_dir: Optional[str], limit: int, batch_si
     subset = torch.utils.data.Subset(test_ds, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     dtype = next(trained.parameters()).dtype
-    counts = measure_ops(trained, ((x.to(dtype),) for x, _ in loader))
+    # Random initial states (init_state="uniform_always") drawn under the run's seed, as the
+    # trainer evaluates: the counts repeat.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.get("seed", 0))
+        counts = measure_ops(trained, ((x.to(dtype),) for x, _ in loader))
     head = (f"**{run.name}** ({METHOD_NAMES.get(run.model, run.model)} {run.network}, "
             f"{TASK_NAMES.get(run.task, run.task)}; first {n} test samples; pJ per sample per time step):\n\n")
     return head + compare_table(counts, cfg, fr=run.fr, costs=costs)

@@ -1,5 +1,6 @@
 """The report on tiny run folders trained in the test through the training CLI."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,38 @@ def test_report_tables_and_figures(runs, tmp_path):
     assert "Adaptive SRNN (unit)" in text
     assert "## Measured operations vs the formula" in text and "| layer0 (adaptive) | 4 | 6 |" in text
     assert "not measured" not in text
+
+
+def test_measured_ops_repeat_with_random_initial_states(runs, tmp_path):
+    """init_state="uniform_always" draws the initial membranes in evaluation too: the measured
+    counts come out the same on every report (drawn under the run's seed), and differ from
+    the counts from u = 0."""
+    run_dir = tmp_path / "ecg_adaptive"
+    shutil.copytree(runs / "all" / "ecg_adaptive", run_dir)
+    costs = report.EnergyCosts()
+    from_zero = report.load_run(run_dir, costs)
+    _, trained = report.initial_and_trained(from_zero)
+    zero_text = report.measure_run(from_zero, trained, None, 8, 4, costs)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(cfg, init_state="uniform_always")))
+    texts = []
+    for k in range(2):
+        run = report.load_run(run_dir, costs)
+        _, trained = report.initial_and_trained(run)
+        torch.rand(k + 1)  # the global RNG is somewhere else on each report
+        texts.append(report.measure_run(run, trained, None, 8, 4, costs))
+    assert texts[0] == texts[1] != zero_text
+
+
+def test_ema_runs_are_measured_with_the_averaged_weights(runs, tmp_path):
+    ckpt = torch.load(runs / "all" / "ecg_adaptive" / "best.pt", weights_only=False)
+    averaged = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    run_dir = tmp_path / "ecg_adaptive"
+    shutil.copytree(runs / "all" / "ecg_adaptive", run_dir)
+    torch.save(dict(ckpt, ema=averaged), run_dir / "best.pt")
+    _, trained = report.initial_and_trained(report.load_run(run_dir, report.EnergyCosts()))
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, averaged[k]), k
 
 
 def test_initial_time_constants_are_the_runs(runs):
