@@ -241,13 +241,22 @@ def plot_learning_curve(run: Run, path: Path) -> None:
     plt = _plt()
     ep = run.metrics["epochs"]
     x = [e["epoch"] for e in ep]
+    val = [e for e in ep if e.get("val_acc") is not None]  # runs with a validation split
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
     a.plot(x, [e["loss"] for e in ep], label="train")
     a.plot(x, [e["test_loss"] for e in ep], label="test")
+    if val:
+        a.plot([e["epoch"] for e in val], [e["val_loss"] for e in val], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     a.legend()
     b.plot(x, [100 * e["train_acc"] for e in ep], label="train")
     b.plot(x, [100 * e["test_acc"] for e in ep], label="test")
+    if val:
+        b.plot([e["epoch"] for e in val], [100 * e["val_acc"] for e in val], label="validation")
+    best = run.metrics.get("best_epoch")
+    if best is not None:  # the epoch whose test accuracy the tables report
+        b.axvline(best, color="tab:gray", ls=":", lw=1,
+                  label=f"chosen ({run.metrics.get('selected_on', 'test')}): epoch {best}")
     b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     if any(e.get("fr") is not None for e in ep):
         c = b.twinx()

@@ -256,3 +256,21 @@ def test_ablation_on_trained_runs(runs, tmp_path):
     assert (out / "figures" / "ablation_neuron.png").read_bytes().startswith(PNG)
     with pytest.raises(ValueError, match="no val_acc"):
         report.write_ablation([runs / "all"], out, at_epoch=1)
+
+
+def test_learning_curve_shows_validation_and_the_chosen_epoch(tmp_path, monkeypatch):
+    epochs = [{"epoch": k, "loss": 1.0 / k, "train_acc": 0.5 + 0.1 * k, "test_acc": 0.4 + 0.1 * k,
+               "test_loss": 1.2 / k, "val_acc": [0.6, 0.8, 0.7][k - 1], "val_loss": 0.9 / k, "fr": 0.1}
+              for k in (1, 2, 3)]
+    run = report.Run(tmp_path, "r", {"task": "smnist", "model": "adaptive", "hidden_sizes": [4], "input_size": 2,
+                                     "num_classes": 10},
+                     {"epochs": epochs, "best_epoch": 2, "selected_on": "val"})
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig))
+    report.plot_learning_curve(run, tmp_path / "curve.png")
+    loss_ax, acc_ax = figs[0].axes[:2]
+    val = next(l for l in acc_ax.get_lines() if l.get_label() == "validation")
+    assert list(val.get_ydata()) == pytest.approx([60, 80, 70])
+    assert [l.get_label() for l in loss_ax.get_lines()] == ["train", "test", "validation"]
+    chosen = next(l for l in acc_ax.get_lines() if l.get_label().startswith("chosen"))
+    assert chosen.get_label() == "chosen (val): epoch 2" and list(chosen.get_xdata()) == [2, 2]
