@@ -78,7 +78,7 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 # clipped to norm 1 (layer 1's BPTT gradient can burst by 1e3-1e5 and overflow float32 over 784
 # steps; results/TASKS.md). As in the method's code the initial membranes are U(0, 1) in
 # evaluation too: a PS-MNIST network trained on random starts scored 31 % from u = 0 and 61 %
-# from random starts (train 65 %). The method's second network: 40 fields -> 256 -> 128.
+# from random starts (training accuracy 67 %). The method's second network: 40 fields -> 256 -> 128.
 _MNIST = dict(tasks=("smnist", "psmnist"), hidden_sizes=[120, 100], readout="spiking", decode="count",
               batch_size=200, epochs=200, lr=1e-2, lr_tau=2e-2, lr_step=25, lr_milestones=[25, 50, 100, 150],
               lr_gamma=0.5, tau_m_init=[20.0, 5.0], tau_adp_init=[700.0, 25.0], tau_out_init=[20.0, 5.0], b0=0.1,
