@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .energy import EnergyCosts, compare_table, estimate_energy, measure_ops
-from .train import SRNN_MODELS
+from .train import SRNN_MODELS, evaluation_rng
 
 METHOD_NAMES = {"adaptive": "Adaptive SRNN", "lif": "LIF SRNN", "relu": "RELU SRNN", "lstm": "LSTM",
                 "gru": "GRU", "rnn": "Vanilla RNN", "bilstm": "Bi-LSTM"}
@@ -353,10 +353,7 @@ def measure_run(run: Run, trained, data_dir: Optional[str], limit: int, batch_si
     subset = torch.utils.data.Subset(test_ds, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     dtype = next(trained.parameters()).dtype
-    # Random initial states (init_state="uniform_always") drawn under the run's seed, as the
-    # trainer evaluates: the counts repeat.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.get("seed", 0))
+    with evaluation_rng(cfg.get("seed", 0)):  # random initial states drawn as the trainer evaluates
         counts = measure_ops(trained, ((x.to(dtype),) for x, _ in loader))
     head = (f"**{run.name}** ({METHOD_NAMES.get(run.model, run.model)} {run.network}, "
             f"{TASK_NAMES.get(run.task, run.task)}; first {n} test samples; pJ per sample per time step):\n\n")

@@ -47,6 +47,7 @@ so with init_state="uniform_always" a checkpoint scores the same every time it i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -452,6 +453,16 @@ def global_batches(n: int, batch_size: int, world: int, gen: torch.Generator) ->
     return [perm[i:i + batch_size] for i in range(0, n, batch_size) if len(perm[i:i + batch_size]) >= world]
 
 
+@contextlib.contextmanager
+def evaluation_rng(seed: int, device: torch.device = None):
+    """Evaluation's random draws (init_state="uniform_always") under a fixed ``seed``: the same
+    weights draw the same initial states every time, and the caller's RNG stream (training's)
+    is restored afterwards."""
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def evaluate(model: nn.Module, dataset, cfg: dict, device, dtype, rank: int, world: int) -> dict:
     """Test loss, accuracy and firing rates over the whole test set (each rank a shard, summed)."""
     model.eval()
@@ -463,10 +474,7 @@ def evaluate(model: nn.Module, dataset, cfg: dict, device, dtype, rank: int, wor
     sums = torch.zeros(5 + 2 * L, dtype=torch.float64)
     idx = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=cfg["batch_size"])
-    # A fixed seed for random initial states (init_state="uniform_always"): every evaluation of
-    # the same weights draws the same states, and the training RNG stream is not advanced.
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.get("seed", 0) + rank)
+    with torch.no_grad(), evaluation_rng(cfg.get("seed", 0) + rank, device):
         for x, y in loader:
             x, y = x.to(device, dtype), y.to(device)
             logits, hidden = model(x, return_spikes=True)
