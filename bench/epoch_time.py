@@ -14,6 +14,8 @@ medians are extrapolated to an epoch as the trainer runs it:
 
     epoch = n_train / B x (load + train step) + (n_val + n_test) / B x (load + eval pass)
 
+Like the trainer, it keeps freed memory for reuse (train.keep_freed_memory); ``--malloc-defaults``
+leaves glibc malloc as it is, to measure what that saves.
 Both wall time and the process's CPU time are reported (CPU time is the steadier of the two
 when other jobs share the cores). ``--json FILE`` also writes the figures as JSON.
 """
@@ -60,7 +62,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cpp,reference", help="comma-separated backends to compare")
     parser.add_argument("--batches", type=T._positive(int), default=30, help="timed batches per backend")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc malloc as it is (the trainer keeps freed memory: train.keep_freed_memory)")
     args = parser.parse_args(argv)
+    keeps_freed = False if args.malloc_defaults else T.keep_freed_memory()
     backends = args.backends.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
         return statistics.median(p[k] for p in pairs)
 
     result = {"date": date.today().isoformat(), "cpu": _cpu_model(), "threads": torch.get_num_threads(),
+              "malloc_keeps_freed": keeps_freed,
               # the CPU path that ran (srnn_fast.cpu_capability: from the per-instruction-set builds on)
               "capability": srnn_fast.cpu_capability() if hasattr(srnn_fast, "cpu_capability") else None,
               "task": cfg["task"], "preset": cfg["preset"], "hidden_sizes": cfg["hidden_sizes"],

@@ -203,16 +203,31 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
     std::memcpy(du.data() + r * H, g.grad_u_T + (b0 + r) * H, H * sizeof(T));
     std::memcpy(deta.data() + r * H, g.grad_eta_T + (b0 + r) * H, H * sizeof(T));
   }
+  // What the recomputation of step t reads for the block's rows: x_t (or its projection) and
+  // the bits of s_{t-1}. The rows of one step are contiguous: one prefetch run covers them.
+  const auto prefetch_step_inputs = [&](int64_t t) {
+    const int64_t row = t * B + b0;
+    if (a.xp != nullptr) prefetch_row(a.xp + row * H, nr * H * sizeof(T));
+    else prefetch_row(a.x + row * I, nr * I * sizeof(T));
+    if (t == 0) return;
+    if (BINARY) prefetch_row(g.bits + (row - B) * W, nr * W * sizeof(int32_t));
+    else prefetch_row(g.s_seq + (row - B) * H, nr * H * sizeof(T));
+  };
   const int64_t C = (T_ + K - 1) / K;
   for (int64_t c = C - 1; c >= 0; --c) {
     const int64_t t0 = c * K, t1 = std::min(T_, t0 + K);  // 0-based steps [t0, t1)
-    for (int64_t r = 0; r < nr; ++r) {  // recompute the segment from its checkpoint
-      const int64_t b = b0 + r;
-      T* u = u_seg.data() + r * (K + 1) * H;
-      T* e = e_seg.data() + r * (K + 1) * H;
-      std::memcpy(u, g.u_ckpt + (c * B + b) * H, H * sizeof(T));
-      std::memcpy(e, g.eta_ckpt + (c * B + b) * H, H * sizeof(T));
-      for (int64_t t = t0; t < t1; ++t) {
+    // Recompute the segment from its checkpoint, the block's rows in lockstep over t (rows are
+    // independent: each rounds as in the forward), prefetching kPrefetchSteps ahead.
+    for (int64_t r = 0; r < nr; ++r) {
+      std::memcpy(u_seg.data() + r * (K + 1) * H, g.u_ckpt + (c * B + b0 + r) * H, H * sizeof(T));
+      std::memcpy(e_seg.data() + r * (K + 1) * H, g.eta_ckpt + (c * B + b0 + r) * H, H * sizeof(T));
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + kPrefetchSteps < t1) prefetch_step_inputs(t + kPrefetchSteps);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t b = b0 + r;
+        T* u = u_seg.data() + r * (K + 1) * H;
+        T* e = e_seg.data() + r * (K + 1) * H;
         T* sp = s_seg.data() + (r * K + t - t0) * Hp;
         Active& act = act_seg[r * K + t - t0];
         if (t == 0) {
@@ -234,6 +249,12 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
       }
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
+      if (t >= kPrefetchSteps) {  // the dL/ds rows (and dI rows to write) kPrefetchSteps steps on
+        const int64_t ahead = (t - kPrefetchSteps) * B + b0;
+        prefetch_row(g.grad_s + ahead * H, nr * H * sizeof(T));
+        if (g.dI != nullptr) prefetch_row<true>(g.dI + ahead * H, nr * H * sizeof(T));
+      }
+      if (t - t0 < kPrefetchSteps && t0 > 0) prefetch_step_inputs(t - K);  // the next segment's first steps
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t b = b0 + r, j = t - t0;
         const T* u = u_seg.data() + (r * (K + 1) + j) * H;

@@ -494,3 +494,30 @@ def test_bring_your_own_split_npz(data_dir, tmp_path, capsys):
     assert other["test_acc"] == ev["test_acc"]  # scored on the two sequences of other.npz
     with pytest.raises(ValueError, match="holds sequences of training records"):
         qtdb.build_ecg(None, npz=train_npz, test_npz=train_npz)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory tunes glibc malloc")
+def test_keep_freed_memory_reuses_large_blocks():
+    # A 64 MB tensor freed and allocated again: with glibc's defaults the second one is a fresh
+    # mmap (a page fault per 4 KB); after keep_freed_memory it is the freed heap block.
+    code = """
+import resource, sys, torch
+from srnn_fast import train
+kept = train.keep_freed_memory() if sys.argv[1] == "keep" else False
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 << 20); del x
+f0 = faults(); x = torch.ones(16 << 20); f1 = faults()
+print(kept, f1 - f0)
+"""
+    pages = (64 << 20) // 4096
+    out = {}
+    for mode in ("keep", "default"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        kept, faults = res.stdout.split()
+        out[mode] = (kept == "True", int(faults))
+    assert out["keep"][0] and not out["default"][0]
+    assert out["keep"][1] < pages // 100, out
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not (os.path.exists(thp) and "[always]" in open(thp).read()):  # huge pages fault per 2 MB
+        assert out["default"][1] > pages // 2, out  # the test can tell: the default does fault
