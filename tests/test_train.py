@@ -499,16 +499,22 @@ def test_bring_your_own_split_npz(data_dir, tmp_path, capsys):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
                     reason="keep_freed_memory tunes glibc malloc")
 def test_keep_freed_memory_reuses_large_blocks():
-    # A 64 MB tensor freed and allocated again: with glibc's defaults the second one is a fresh
-    # mmap (a page fault per 4 KB); after keep_freed_memory it is the freed heap block.
+    # 64 MB tensors allocated and freed in a loop, as a training step's buffers are: with
+    # glibc's defaults each one is a fresh mmap (a page fault per 4 KB); after
+    # keep_freed_memory they come from the heap's freed blocks. Counted once the loop is in
+    # its steady state (the first rounds may grow the heap: small allocations can split a
+    # freed block).
     code = """
 import resource, sys, torch
 from srnn_fast import train
 kept = train.keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.ones(16 << 20); del x
-f0 = faults(); x = torch.ones(16 << 20); f1 = faults()
-print(kept, f1 - f0)
+for _ in range(3):
+    x = torch.ones(16 << 20); del x
+f0 = faults()
+for _ in range(5):
+    x = torch.ones(16 << 20); del x
+print(kept, faults() - f0)
 """
     pages = (64 << 20) // 4096
     out = {}
@@ -517,7 +523,7 @@ print(kept, f1 - f0)
         kept, faults = res.stdout.split()
         out[mode] = (kept == "True", int(faults))
     assert out["keep"][0] and not out["default"][0]
-    assert out["keep"][1] < pages // 100, out
+    assert out["keep"][1] < 5 * pages // 100, out
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     if not (os.path.exists(thp) and "[always]" in open(thp).read()):  # huge pages fault per 2 MB
-        assert out["default"][1] > pages // 2, out  # the test can tell: the default does fault
+        assert out["default"][1] > 5 * pages // 2, out  # the test can tell: the default does fault
