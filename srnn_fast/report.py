@@ -238,32 +238,51 @@ def _slug(text: str) -> str:
 
 
 def plot_learning_curve(run: Run, path: Path) -> None:
+    """Loss and accuracy per epoch (train, test, validation where the run has one; the chosen
+    epoch; Fr on a second axis), and for runs of 10 epochs or more a third panel with the
+    accuracies of the later epochs, where the differences that choose an epoch are too small
+    to see on the full scale. Legends sit below the panels, off the curves."""
     plt = _plt()
     ep = run.metrics["epochs"]
     x = [e["epoch"] for e in ep]
     val = [e for e in ep if e.get("val_acc") is not None]  # runs with a validation split
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    zoom = len(ep) >= 10
+    fig, axes = plt.subplots(1, 3 if zoom else 2, figsize=(13 if zoom else 9, 3.8))
+    a, b = axes[0], axes[1]
     a.plot(x, [e["loss"] for e in ep], label="train")
     a.plot(x, [e["test_loss"] for e in ep], label="test")
     if val:
         a.plot([e["epoch"] for e in val], [e["val_loss"] for e in val], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
-    a.legend()
-    b.plot(x, [100 * e["train_acc"] for e in ep], label="train")
-    b.plot(x, [100 * e["test_acc"] for e in ep], label="test")
-    if val:
-        b.plot([e["epoch"] for e in val], [100 * e["val_acc"] for e in val], label="validation")
+    below = dict(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7)
+    a.legend(ncol=3, **below)
+    curves = [("train", ep, "train_acc"), ("test", ep, "test_acc")] + ([("validation", val, "val_acc")] if val else [])
+    for label, rows, key in curves:
+        b.plot([e["epoch"] for e in rows], [100 * e[key] for e in rows], label=label)
     best = run.metrics.get("best_epoch")
+    chosen = f"chosen ({run.metrics.get('selected_on', 'test')}): epoch {best}"
     if best is not None:  # the epoch whose test accuracy the tables report
-        b.axvline(best, color="tab:gray", ls=":", lw=1,
-                  label=f"chosen ({run.metrics.get('selected_on', 'test')}): epoch {best}")
+        b.axvline(best, color="tab:gray", ls=":", lw=1, label=chosen)
     b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    handles, labels = b.get_legend_handles_labels()
     if any(e.get("fr") is not None for e in ep):
         c = b.twinx()
         c.plot(x, [e.get("fr") for e in ep], color="tab:gray", ls="--", label="Fr (test)")
         c.set_ylabel("firing rate")
-        c.legend(loc="lower right")
-    b.legend(loc="upper left")
+        h, l_ = c.get_legend_handles_labels()
+        handles, labels = handles + h, labels + l_
+    b.legend(handles, labels, ncol=3, **below)
+    if zoom:  # the later epochs: from 40 % of the run on
+        z = axes[2]
+        first = x[int(0.4 * len(x))]
+        for label, rows, key in curves:
+            late = [e for e in rows if e["epoch"] >= first]
+            z.plot([e["epoch"] for e in late], [100 * e[key] for e in late], marker=".", ms=3, label=label)
+        if best is not None and best >= first:
+            z.axvline(best, color="tab:gray", ls=":", lw=1, label=chosen)
+        z.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy, epochs {first}-{x[-1]}")
+        z.grid(alpha=0.3)
+        z.legend(ncol=2, **below)
     fig.suptitle(f"{run.name}: {METHOD_NAMES.get(run.model, run.model)} {run.network} on "
                  f"{TASK_NAMES.get(run.task, run.task)}")
     _save(plt, fig, path)
