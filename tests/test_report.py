@@ -258,17 +258,22 @@ def test_ablation_on_trained_runs(runs, tmp_path):
         report.write_ablation([runs / "all"], out, at_epoch=1)
 
 
+def _learning_curve(tmp_path, monkeypatch, epochs, best_epoch):
+    """The learning-curve figure of a run with these metrics rows, chosen on validation."""
+    run = report.Run(tmp_path, "r", {"task": "smnist", "model": "adaptive", "hidden_sizes": [4], "input_size": 2,
+                                     "num_classes": 10},
+                     {"epochs": epochs, "best_epoch": best_epoch, "selected_on": "val"})
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig))
+    report.plot_learning_curve(run, tmp_path / "curve.png")
+    return figs[0]
+
+
 def test_learning_curve_shows_validation_and_the_chosen_epoch(tmp_path, monkeypatch):
     epochs = [{"epoch": k, "loss": 1.0 / k, "train_acc": 0.5 + 0.1 * k, "test_acc": 0.4 + 0.1 * k,
                "test_loss": 1.2 / k, "val_acc": [0.6, 0.8, 0.7][k - 1], "val_loss": 0.9 / k, "fr": 0.1}
               for k in (1, 2, 3)]
-    run = report.Run(tmp_path, "r", {"task": "smnist", "model": "adaptive", "hidden_sizes": [4], "input_size": 2,
-                                     "num_classes": 10},
-                     {"epochs": epochs, "best_epoch": 2, "selected_on": "val"})
-    figs = []
-    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig))
-    report.plot_learning_curve(run, tmp_path / "curve.png")
-    loss_ax, acc_ax = figs[0].axes[:2]
+    loss_ax, acc_ax = _learning_curve(tmp_path, monkeypatch, epochs, best_epoch=2).axes[:2]
     val = next(l for l in acc_ax.get_lines() if l.get_label() == "validation")
     assert list(val.get_ydata()) == pytest.approx([60, 80, 70])
     assert [l.get_label() for l in loss_ax.get_lines()] == ["train", "test", "validation"]
@@ -279,17 +284,12 @@ def test_learning_curve_shows_validation_and_the_chosen_epoch(tmp_path, monkeypa
 def test_learning_curve_zooms_on_the_later_epochs(tmp_path, monkeypatch):
     epochs = [{"epoch": k, "loss": 1.0 / k, "train_acc": 0.9 + 0.005 * k, "test_acc": 0.8 + 0.01 * k,
                "test_loss": 1.2 / k, "val_acc": 0.81 + 0.01 * k, "val_loss": 0.9 / k, "fr": 0.1} for k in range(1, 13)]
-    run = report.Run(tmp_path, "r", {"task": "smnist", "model": "adaptive", "hidden_sizes": [4], "input_size": 2,
-                                     "num_classes": 10},
-                     {"epochs": epochs, "best_epoch": 11, "selected_on": "val"})
-    figs = []
-    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig))
-    report.plot_learning_curve(run, tmp_path / "curve.png")
-    zoom = next(ax for ax in figs[0].axes if ax.get_title().startswith("accuracy, epochs"))
+    fig = _learning_curve(tmp_path, monkeypatch, epochs, best_epoch=11)
+    zoom = next(ax for ax in fig.axes if ax.get_title().startswith("accuracy, epochs"))
     assert zoom.get_title() == "accuracy, epochs 5-12"  # from 40 % of the run on
     val = next(l for l in zoom.get_lines() if l.get_label() == "validation")
     assert list(val.get_xdata()) == list(range(5, 13))
     assert list(val.get_ydata()) == pytest.approx([100 * (0.81 + 0.01 * k) for k in range(5, 13)])
     assert any(l.get_label() == "chosen (val): epoch 11" for l in zoom.get_lines())
-    acc_ax = figs[0].axes[1]  # the full-scale panel's legend holds Fr too (one legend, below)
+    acc_ax = fig.axes[1]  # the full-scale panel's legend holds Fr too (one legend, below)
     assert "Fr (test)" in [t.get_text() for t in acc_ax.get_legend().get_texts()]
