@@ -273,7 +273,9 @@ class AdaptiveSRNN(nn.Module):
         if state is not None and (not isinstance(state, NetworkState) or len(state.layers) != len(self.layers)):
             raise ValueError(f"state must be the NetworkState of a previous stream() call of this network "
                              f"({len(self.layers)} layer states); got {type(state).__name__}")
-        h = x.transpose(0, 1) if self.batch_first else x
+        # Time-major and contiguous once here: the layers would each copy a strided view (the
+        # fused layer's forward and again its backward).
+        h = x.transpose(0, 1).contiguous() if self.batch_first else x
         hidden, layer_states = [], []
         for i, layer in enumerate(self.layers):
             h, st = layer(h, None if state is None else state.layers[i])  # layers are time-major
