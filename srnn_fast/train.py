@@ -365,28 +365,6 @@ def config_from_args(args, parser) -> dict:
 # ---------------------------------------------------------------------------------------
 # Distributed helpers (a no-op with one process)
 # ---------------------------------------------------------------------------------------
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed memory for reuse rather than give it back to the OS.
-
-    A training step allocates and frees tensors of tens of MB ([T, B, H] spikes, their
-    gradients, x_proj). glibc serves blocks that large by mmap and unmaps them when freed, so
-    every step page-faults again on each 4 KB and the kernel zeroes each page: about a sixth of
-    an S-MNIST step's CPU time (results/mnist/malloc_step.json). With mmap off (M_MMAP_MAX = 0)
-    and trimming off (M_TRIM_THRESHOLD) they come from the heap and are reused; the price is
-    that the process keeps its peak memory. Process-wide, so the trainer's and the benchmarks'
-    entry points call it, not the library on import. Returns whether it took effect (False
-    where the C library has no glibc mallopt).
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def _world() -> tuple:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -738,6 +716,29 @@ def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") ->
         v = evaluate(model, val_ds, cfg, torch.device(device), dtype, 0, 1)
         out.update(val_acc=v["test_acc"], val_loss=v["test_loss"])
     return out
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than give it back to the OS.
+
+    A training step allocates and frees tensors of tens of MB ([T, B, H] spikes, their
+    gradients, x_proj). glibc serves blocks that large by mmap and unmaps them when freed, so
+    every step page-faults again on each 4 KB and the kernel zeroes each page: a fifth of an
+    S-MNIST training step's CPU time and half of an evaluation batch's
+    (results/mnist/malloc_step.json). With mmap off (M_MMAP_MAX = 0) and trimming off
+    (M_TRIM_THRESHOLD) they come from the heap and are reused; the price is that the process
+    keeps its peak memory. Process-wide, so entry points call it (the trainer's,
+    bench/epoch_time.py's), not the library on import. Returns whether it took effect (False
+    where the C library is not glibc).
+    """
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":  # the mallopt parameters below are glibc's
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc malloc.h
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def main(argv=None) -> int:
