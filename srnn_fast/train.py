@@ -19,6 +19,9 @@ set when the run has one (``--val-fraction``: ECG records, or MNIST images, held
 training set), else on the test set (optimistic; ``metrics.json`` says which in ``selected_on``).
 With ``--ema DECAY`` the evaluated and checkpointed weights are an exponential moving average
 of the trained ones (``WeightEMA``); best.pt and last.pt then hold both (``ema`` and ``model``).
+``--resume RUN --ema DECAY`` switches it on for a run trained without it: the average starts
+from the resumed weights and ``config.json`` records ``ema_from_epoch``; the epochs before
+were evaluated on the raw weights, and the best epoch is still the best on validation.
 A step whose gradient norm is not finite (BPTT overflowing float32) is skipped and counted
 (``skipped_steps`` per epoch, also on the epoch's line); an epoch without one finite step
 stops the run with an error (``optimizer_step``).
@@ -253,7 +256,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="evaluate a run folder's best.pt (or a checkpoint file) on its test set and exit; data "
                         "options given here (e.g. --context) replace the run's; prints one JSON line")
     p.add_argument("--resume", help="run folder or checkpoint (last.pt) to continue; only --epochs, "
-                   "--device, --threads, --quiet and --time-budget may change")
+                   "--device, --threads, --quiet and --time-budget may change, and --ema may switch weight "
+                   "averaging on for a run without it (the average starts from the resumed weights)")
     p.add_argument("--data-dir", help="folder with qtdb/, mnist/, shd/ (default $SRNN_FAST_DATA)")
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int), help="global batch (split across DDP ranks)")
@@ -576,7 +580,6 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     opt = torch.optim.Adam(param_groups(model, cfg["lr"], cfg["lr_tau"]))
     sched = make_scheduler(opt, cfg)
     loader_gen = torch.Generator().manual_seed(cfg["seed"])
-    ema = WeightEMA(model, cfg["ema"]) if cfg.get("ema") else None
     metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"],
                "selected_on": "val" if val_ds is not None else "test"}
     start_epoch, best = 1, -1.0
@@ -584,14 +587,16 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
         rng = resume["rng_state"]
         _set_rng_state(rng["ranks"][rank] if world > 1 else rng, loader_gen)
         # "best_test_acc": the key of checkpoints written before validation splits existed
         start_epoch, best = resume["epoch"] + 1, resume.get("best_score", resume.get("best_test_acc"))
         metrics = json.loads((out / "metrics.json").read_text())
         metrics["epochs"] = [e for e in metrics["epochs"] if e["epoch"] <= resume["epoch"]]
+    # After the resumed weights are loaded: an average switched on at resume (--ema) starts from them.
+    ema = WeightEMA(model, cfg["ema"]) if cfg.get("ema") else None
+    if ema is not None and resume is not None and "ema" in resume:
+        ema.load_state_dict(resume["ema"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _save_json(out / "config.json", cfg)
@@ -769,6 +774,12 @@ def _run(args, parser) -> int:
                 cfg[key] = getattr(args, key)
         if args.device != parser.get_default("device"):
             cfg["device"] = args.device
+        if args.ema is not None and args.ema != cfg.get("ema"):
+            if cfg.get("ema"):
+                parser.error(f"--ema {args.ema:g}: the run already averages its weights with decay "
+                             f"{cfg['ema']:g}; resume it without --ema")
+            # Training is unchanged; from this epoch on the average is what is evaluated and checkpointed.
+            cfg["ema"], cfg["ema_from_epoch"] = args.ema, resume["epoch"] + 1
         out = Path(args.out) if args.out else ckpt_path.parent
     else:
         cfg = config_from_args(args, parser)

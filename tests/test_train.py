@@ -255,6 +255,36 @@ def test_ema_run_evaluates_resumes_and_reloads_the_average(data_dir, tmp_path, c
     assert out["epoch"] == m["best_epoch"] and out["test_acc"] == m["best_test_acc"]
 
 
+def test_resume_can_switch_ema_on(data_dir, tmp_path, monkeypatch, capsys):
+    """--resume RUN --ema DECAY on a run without an average: training stays bit-exact, the average
+    starts from the resumed weights and is checkpointed, the config records from which epoch."""
+    args = ["--task", "smnist", "--batch-size", "16"] + TINY["smnist"]
+    run(args + ["--epochs", "3"], data_dir, tmp_path / "full")
+    run(args + ["--epochs", "2"], data_dir, tmp_path / "part")
+    resumed = _params(tmp_path / "part" / "last.pt")
+    starts = []
+    init = T.WeightEMA.__init__
+    monkeypatch.setattr(T.WeightEMA, "__init__", lambda self, model, decay: (
+        starts.append({k: v.clone() for k, v in model.state_dict().items()}), init(self, model, decay))[-1])
+    assert T.main(["--resume", str(tmp_path / "part"), "--epochs", "3", "--ema", "0.5", "--quiet"]) == 0
+    assert len(starts) == 1 and all(torch.equal(starts[0][k], resumed[k]) for k in resumed)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    part = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert "ema" not in full and part["ema"].keys() == part["model"].keys()
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], part["model"][k]), k
+    assert not all(torch.equal(part["model"][k], part["ema"][k]) for k in part["model"])
+    cfg = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert (cfg["ema"], cfg["ema_from_epoch"]) == (0.5, 3) and part["config"]["ema_from_epoch"] == 3
+    # Resuming again continues the saved average (no --ema needed); another decay is refused.
+    assert T.main(["--resume", str(tmp_path / "part"), "--epochs", "4", "--quiet"]) == 0
+    assert len(starts) == 2 and json.loads((tmp_path / "part" / "config.json").read_text())["ema_from_epoch"] == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(tmp_path / "part"), "--epochs", "5", "--ema", "0.9"])
+    assert "already averages its weights with decay 0.5" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["ecg", "shd"])
 def test_ddp_two_processes_equal_one(task, data_dir, tmp_path):
