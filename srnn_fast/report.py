@@ -237,6 +237,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
+def _ema_from_epoch(run: Run) -> Optional[int]:
+    """The first epoch evaluated on the weight average (--ema; ``--resume --ema`` switches it on
+    later in a run), or None for a run evaluated on its trained weights."""
+    return run.config.get("ema_from_epoch", 1) if run.config.get("ema") else None
+
+
 def plot_learning_curve(run: Run, path: Path) -> None:
     """Loss and accuracy per epoch (train, test, validation where the run has one; the chosen
     epoch; Fr on a second axis), and for runs of 10 epochs or more a third panel with the
@@ -263,6 +269,10 @@ def plot_learning_curve(run: Run, path: Path) -> None:
     chosen = f"chosen ({run.metrics.get('selected_on', 'test')}): epoch {best}"
     if best is not None:  # the epoch whose test accuracy the tables report
         b.axvline(best, color="tab:gray", ls=":", lw=1, label=chosen)
+    since = _ema_from_epoch(run)
+    averaged = f"weight average from epoch {since}"
+    if since is not None and since > 1:  # evaluation switched from the trained weights to their average
+        b.axvline(since - 0.5, color="tab:purple", ls="-.", lw=1, label=averaged)
     b.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     handles, labels = b.get_legend_handles_labels()
     if any(e.get("fr") is not None for e in ep):
@@ -280,6 +290,8 @@ def plot_learning_curve(run: Run, path: Path) -> None:
             z.plot([e["epoch"] for e in late], [100 * e[key] for e in late], marker=".", ms=3, label=label)
         if best is not None and best >= first:
             z.axvline(best, color="tab:gray", ls=":", lw=1, label=chosen)
+        if since is not None and since > first:
+            z.axvline(since - 0.5, color="tab:purple", ls="-.", lw=1, label=averaged)
         z.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy, epochs {first}-{x[-1]}")
         z.grid(alpha=0.3)
         z.legend(ncol=2, **below)
@@ -673,6 +685,11 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     incomplete = [f"{r.name} ({'; '.join(r.notes)})" for r in runs if r.notes]
     if incomplete:
         md += ["Runs that did not finish their configured epochs: " + ", ".join(incomplete) + ".", ""]
+    averaged = [f"{r.name} (decay {r.config['ema']:g}" + (f", from epoch {_ema_from_epoch(r)}; the epochs before "
+                "on the trained weights" if _ema_from_epoch(r) > 1 else "") + ")" for r in runs if _ema_from_epoch(r)]
+    if averaged:
+        md += ["Runs evaluated (validation, test, Fr) on an exponential moving average of their weights (`--ema`; "
+               "training loss and accuracy are those of the trained weights): " + ", ".join(averaged) + ".", ""]
     md += ["## Theoretical energy", "",
            f"Per sample over its T time steps (T = config `seq_len`), E_MAC = {costs.e_mac:g} pJ, "
            f"E_AC = {costs.e_ac:g} pJ (45 nm, 32-bit float, Horowitz 2014). Formulas in `srnn_fast/energy.py`: "

@@ -293,3 +293,16 @@ def test_learning_curve_zooms_on_the_later_epochs(tmp_path, monkeypatch):
     assert any(l.get_label() == "chosen (val): epoch 11" for l in zoom.get_lines())
     acc_ax = fig.axes[1]  # the full-scale panel's legend holds Fr too (one legend, below)
     assert "Fr (test)" in [t.get_text() for t in acc_ax.get_legend().get_texts()]
+
+
+def test_report_says_which_runs_are_evaluated_on_a_weight_average(runs, tmp_path):
+    """A run switched to --ema at resume: the report names it, the decay and the first averaged epoch."""
+    run_dir = tmp_path / "all" / "ecg_adaptive"
+    shutil.copytree(runs / "all" / "ecg_adaptive", run_dir)
+    assert train.main(["--resume", str(run_dir), "--epochs", "2", "--ema", "0.5", "--quiet"]) == 0
+    out = tmp_path / "results"
+    assert report.main([str(tmp_path / "all"), "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert "ecg_adaptive (decay 0.5, from epoch 2; the epochs before on the trained weights)" in text
+    assert (out / "figures" / "curve_ecg_adaptive.png").read_bytes().startswith(PNG)
+
