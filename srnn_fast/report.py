@@ -685,8 +685,12 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     incomplete = [f"{r.name} ({'; '.join(r.notes)})" for r in runs if r.notes]
     if incomplete:
         md += ["Runs that did not finish their configured epochs: " + ", ".join(incomplete) + ".", ""]
-    averaged = [f"{r.name} (decay {r.config['ema']:g}" + (f", from epoch {_ema_from_epoch(r)}; the epochs before "
-                "on the trained weights" if _ema_from_epoch(r) > 1 else "") + ")" for r in runs if _ema_from_epoch(r)]
+    averaged = []
+    for r in runs:
+        since = _ema_from_epoch(r)
+        if since is not None:
+            later = f", from epoch {since}; the epochs before on the trained weights" if since > 1 else ""
+            averaged.append(f"{r.name} (decay {r.config['ema']:g}{later})")
     if averaged:
         md += ["Runs evaluated (validation, test, Fr) on an exponential moving average of their weights (`--ema`; "
                "training loss and accuracy are those of the trained weights): " + ", ".join(averaged) + ".", ""]

@@ -305,4 +305,3 @@ def test_report_says_which_runs_are_evaluated_on_a_weight_average(runs, tmp_path
     text = (out / "REPORT.md").read_text()
     assert "ecg_adaptive (decay 0.5, from epoch 2; the epochs before on the trained weights)" in text
     assert (out / "figures" / "curve_ecg_adaptive.png").read_bytes().startswith(PNG)
-
