@@ -7,7 +7,8 @@
 Presets (``PRESETS``, ``--preset``; by default the task's own) give the networks of the
 method: ECG 4 -> 36 -> 6 with a per-step integrator readout; S-MNIST / PS-MNIST 80 (RBF
 population) -> 120 -> 100 -> 10 with a spiking readout and spike-count decoding, and
-``--preset mnist_256_128``: 40 -> 256 -> 128 -> 10; SHD 700 -> 128 -> 128 -> 20 with the mean
+``--preset mnist_256_128``: 40 -> 256 -> 128 -> 10, ``--preset psmnist_64_256``: 4 binarised
+pixels (a sliding window) -> 64 -> 256 -> 10; SHD 700 -> 128 -> 128 -> 20 with the mean
 of the readout integrator. Every value can be overridden by a flag (e.g. ``--readout
 membrane``: the method's ECG readout, an adaptive spiking output layer whose membrane is the
 logit). Adam with two parameter groups (time constants tau_* at ``--lr-tau``, everything else
@@ -67,7 +68,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .data.mnist import rbf_density_gain
+from .data.mnist import ENCODINGS as MNIST_ENCODINGS, rbf_density_gain
 from .modules import INIT_STATES, TRAIN_TAU
 
 SPIKING = ("adaptive", "lif")
@@ -104,6 +105,12 @@ PRESETS = {
                 grad_clip=None, init_state="uniform", data={"frame_ms": 10}),
     "mnist_256_128": dict(_MNIST, hidden_sizes=[256, 128],
                           data={"encoding": "rbf", "population": 40, "gain": rbf_density_gain(40)}),
+    # The input and neurons of the method's later PS-MNIST script (binarised pixels, a window of 4
+    # moved by one pixel; b0 0.01, adaptation N(200, 25); recurrent 64 -> 256); trained as above.
+    # Not taken from it: its dense adaptive layer of 256 after the recurrent ones, zero-initialised
+    # recurrent weights, Adamax with linear decay and truncated BPTT (results/TASKS.md).
+    "psmnist_64_256": dict(_MNIST, hidden_sizes=[64, 256], tau_adp_init=[200.0, 25.0], b0=0.01,
+                           data={"encoding": "sliding", "window": 4}),
 }
 # What a preset sets (each also a CLI flag that overrides it); "data" holds its data options.
 PRESET_KEYS = ("hidden_sizes", "readout", "decode", "batch_size", "epochs", "lr", "lr_tau", "lr_step", "lr_milestones",
@@ -278,7 +285,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="time constants that train: all (tau_m, tau_adp, tau_out), none, m (tau_m and tau_out) "
                         "or adp (tau_adp); frozen ones keep their initial values (the method's Fig. 6b ablation)")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
-    p.add_argument("--b0", type=_positive(float), help="baseline threshold (presets: 0.01)")
+    p.add_argument("--b0", type=_positive(float), help="baseline threshold (presets: 0.01; S-MNIST / PS-MNIST 80 or 40 fields: 0.1)")
     p.add_argument("--ema", type=_fraction, metavar="DECAY",
                    help="evaluate and checkpoint an exponential moving average of the weights, updated after "
                         "every step with this decay in (0, 1) (e.g. 0.99); training itself is unchanged")
@@ -317,7 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ecg: add K randomly distorted copies (gain, time stretch, noise) of each training record")
     g.add_argument("--stride", type=_positive(int), help="ecg: steps between window starts (default seq_len)")
     g.add_argument("--cache-dir", help="ecg: folder for the preprocessed-record cache")
-    g.add_argument("--encoding", choices=("rbf", "analog", "poisson", "window"), help="smnist/psmnist")
+    g.add_argument("--encoding", choices=MNIST_ENCODINGS, help="smnist/psmnist")
     g.add_argument("--population", type=_positive(int), help="smnist/psmnist: RBF/Poisson population size")
     g.add_argument("--window", type=_positive(int), help="smnist/psmnist: pixels per step")
     g.add_argument("--gain", type=_positive(float), help="smnist/psmnist: factor on the encoded input (the method's "

@@ -298,7 +298,8 @@ def test_qtdb_errors(tmp_path):
 # ---- MNIST --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("encoding,window,shape", [("rbf", None, (784, 80)), ("poisson", None, (784, 80)),
-                                                   ("analog", None, (784, 1)), ("window", 4, (196, 4))])
+                                                   ("analog", None, (784, 1)), ("window", 4, (196, 4)),
+                                                   ("sliding", 4, (784, 4))])
 def test_mnist_encodings(tiny, encoding, window, shape):
     train, test, info = build_datasets("smnist", tiny, encoding=encoding, window=window)
     assert (len(train), len(test)) == (64, 32)
@@ -310,6 +311,11 @@ def test_mnist_encodings(tiny, encoding, window, shape):
         np.testing.assert_allclose(x[:, 0].numpy(), pixels, rtol=1e-6)
     if encoding == "window":
         np.testing.assert_allclose(x[1].numpy(), pixels[4:8], rtol=1e-6)
+    if encoding == "sliding":  # binarised at pixel / 255 > 0.1, a window moved by one pixel
+        binary = (pixels > 0.1).astype(np.float32)
+        assert set(x.unique().tolist()) == {0.0, 1.0}
+        np.testing.assert_array_equal(x[100].numpy(), binary[100:104])
+        np.testing.assert_array_equal(x[783].numpy(), binary[780:])
     if encoding == "poisson":
         assert torch.equal(x, train[5][0]) and not torch.equal(x, train[6][0])
         assert set(x.unique().tolist()) <= {0.0, 1.0}
@@ -438,8 +444,11 @@ def test_options_and_data_dir(tiny, monkeypatch, tmp_path):
         build_datasets("shd", tiny, frame_ms=5)
     with pytest.raises(ValueError, match="encoding"):
         build_datasets("smnist", tiny, encoding="latency")
-    with pytest.raises(ValueError, match="window"):
-        build_datasets("smnist", tiny, encoding="window")
+    for encoding in ("window", "sliding"):
+        with pytest.raises(ValueError, match="window"):
+            build_datasets("smnist", tiny, encoding=encoding)
+    with pytest.raises(ValueError, match="window must be at most 784"):
+        build_datasets("psmnist", tiny, encoding="sliding", window=785)
     with pytest.raises(ValueError, match="test_fraction"):
         build_datasets("ecg", tiny, test_fraction=1.0)
     monkeypatch.delenv("SRNN_FAST_DATA", raising=False)

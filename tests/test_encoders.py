@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from srnn_fast.data.encoders import bin_spikes, level_crossing, pixel_windows, poisson_population, rbf_population
+from srnn_fast.data.encoders import (bin_spikes, level_crossing, pixel_windows, poisson_population, rbf_population,
+                                     sliding_windows)
 
 
 def test_level_crossing_hand_signal():
@@ -81,6 +82,20 @@ def test_pixel_windows_hand():
     assert pixel_windows(torch.zeros(784), 5).shape == (157, 5)
     with pytest.raises(ValueError, match="window"):
         pixel_windows(torch.zeros(4), 0)
+
+
+def test_sliding_windows_hand():
+    # a window at every step; the last k values once it would run past the end
+    assert sliding_windows(torch.arange(1, 6), 3).tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [3, 4, 5], [3, 4, 5]]
+    assert sliding_windows(torch.arange(5), 1).tolist() == [[0], [1], [2], [3], [4]]
+    assert sliding_windows(torch.arange(4), 4).tolist() == [[0, 1, 2, 3]] * 4
+    x = torch.rand(2, 784)
+    out = sliding_windows(x, 4)
+    assert out.shape == (2, 784, 4) and torch.equal(out[1, 10], x[1, 10:14]) and torch.equal(out[0, 783], x[0, 780:])
+    with pytest.raises(ValueError, match="window"):
+        sliding_windows(torch.zeros(4), 0)
+    with pytest.raises(ValueError, match="longer than the sequence"):
+        sliding_windows(torch.zeros(3), 4)
 
 
 def test_bin_spikes_hand():

@@ -145,13 +145,14 @@ def test_lr_milestones_schedule():
     assert lrs[False] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
 
 
-def test_mnist_preset_trains_on_tiny_data(data_dir, tmp_path):
-    """The 40 -> 256 -> 128 preset end to end (a few images): a step changes every parameter group."""
+@pytest.mark.parametrize("preset,input_size", [("mnist_256_128", 40), ("psmnist_64_256", 4)])
+def test_mnist_preset_trains_on_tiny_data(data_dir, tmp_path, preset, input_size):
+    """The larger MNIST presets end to end (a few images): a step changes every parameter group."""
     out = tmp_path / "run"
-    assert run(["--task", "psmnist", "--preset", "mnist_256_128", "--epochs", "1", "--batch-size", "8",
+    assert run(["--task", "psmnist", "--preset", preset, "--epochs", "1", "--batch-size", "8",
                 "--limit", "16", "--val-fraction", "0.25"], data_dir, out) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["input_size"] == 40 and cfg["params"] == sum(
+    assert cfg["input_size"] == input_size and cfg["params"] == sum(
         p.numel() for p in T.build_model(cfg).parameters())
     trained = torch.load(out / "last.pt", weights_only=False)["model"]
     torch.manual_seed(cfg["seed"])

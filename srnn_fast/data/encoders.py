@@ -4,6 +4,7 @@
     rbf_population(x [...], n)                    -> [..., n] Gaussian receptive fields (MNIST)
     poisson_population(x [...], n, rng)           -> [..., n] Bernoulli draws of the above
     pixel_windows(x [..., L], k)                  -> [..., ceil(L / k), k]
+    sliding_windows(x [..., L], k)                -> [..., L, k]  window of k at every step
     bin_spikes(times, units, n_units, frame_ms, n_frames) -> [n_frames, n_units] (SHD)
 """
 from __future__ import annotations
@@ -90,11 +91,15 @@ def bernoulli(p, rng=None) -> torch.Tensor:
     return torch.from_numpy((u < p).astype(np.float32))
 
 
+def _check_window(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"window k must be an integer >= 1; got {k!r}")
+
+
 def pixel_windows(x, k: int) -> torch.Tensor:
     """Group the last axis (length L) into ceil(L / k) steps of k values, zero-padding the
     last step: ``out[..., s, j] = x[..., s * k + j]``."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"window k must be an integer >= 1; got {k!r}")
+    _check_window(k)
     x = torch.as_tensor(x)
     L = x.shape[-1]
     steps = -(-L // k)
@@ -102,6 +107,19 @@ def pixel_windows(x, k: int) -> torch.Tensor:
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     return x.reshape(*x.shape[:-1], steps, k)
+
+
+def sliding_windows(x, k: int) -> torch.Tensor:
+    """A window of ``k`` values at every position of the last axis (length L >= k), the last
+    ``k`` values once the window would run past the end (the method's PS-MNIST input):
+    ``out[..., t, j] = x[..., min(t, L - k) + j]``."""
+    _check_window(k)
+    x = torch.as_tensor(x)
+    L = x.shape[-1]
+    if L < k:
+        raise ValueError(f"window k = {k} is longer than the sequence ({L} values)")
+    start = torch.arange(L).clamp(max=L - k)
+    return x[..., start.unsqueeze(1) + torch.arange(k)]
 
 
 def bin_spikes(times, units, n_units: int, frame_ms: float, n_frames: int) -> torch.Tensor:

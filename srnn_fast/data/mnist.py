@@ -10,6 +10,10 @@ run with the same ``permutation_seed``). Encodings of the pixel sequence:
                generator seeded by SeedSequence([seed, split (0 train, 1 test, 2 val), index]):
                the same spikes for a sample every epoch and run   T = 784, F = population
     "window"   x[s] = [p_{sk}, ..., p_{sk+k-1}] (zero-padded) T = ceil(784 / k), F = k
+    "sliding"  x[t] = [b_t, ..., b_{t+k-1}], b_t = 1 if p_t > 0.1 else 0, the last k pixels
+               once the window would run past 784 (the input of the method's PS-MNIST
+               script: binarised pixels, a window of 4 moved by one pixel per step)
+                                                          T = 784, F = k
 
 ``gain`` multiplies every encoding (default 1). The method's S-MNIST code feeds its RBF
 population as Gaussian *densities*, 1 / (sqrt(2 pi) sigma) ~ 31 times the peak-1 fields
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from .common import DataError, check_choice, check_int, split_by_group
-from .encoders import bernoulli, pixel_windows, rbf_population
+from .encoders import bernoulli, pixel_windows, rbf_population, sliding_windows
 
 
 def rbf_density_gain(population: int) -> float:
@@ -43,7 +47,8 @@ def rbf_density_gain(population: int) -> float:
     return (population - 1) / math.sqrt(2 * math.pi)
 
 
-ENCODINGS = ("rbf", "analog", "poisson", "window")
+ENCODINGS = ("rbf", "analog", "poisson", "window", "sliding")
+BINARY_THRESHOLD = 0.1  # "sliding": a pixel is 1 where pixel / 255 > this (the method's PS-MNIST script)
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 N_PIXELS = 784
@@ -125,9 +130,11 @@ class MNISTDataset(torch.utils.data.Dataset):
         self.gain = float(gain)
         self.encoding = check_choice("encoding", encoding, ENCODINGS)
         self.population = check_int("population", population, 2)
-        if encoding == "window" and window is None:
-            raise ValueError("window (pixels per step) must be given for encoding='window'")
+        if encoding in ("window", "sliding") and window is None:
+            raise ValueError(f"window (pixels per step) must be given for encoding={encoding!r}")
         self.window = check_int("window", window, 1, optional=True)
+        if self.window is not None and self.window > N_PIXELS:
+            raise ValueError(f"window must be at most {N_PIXELS} pixels; got {window}")
         self.order, self.seed, self.split_id = order, seed, split_id
         # Pixels take only 256 values, so the population code is a lookup table [256, F]:
         # a gather per item instead of 784 x F exponentials. Items are built with numpy,
@@ -141,7 +148,7 @@ class MNISTDataset(torch.utils.data.Dataset):
 
     @property
     def input_size(self) -> int:
-        return {"analog": 1, "window": self.window}.get(self.encoding, self.population)
+        return {"analog": 1, "window": self.window, "sliding": self.window}.get(self.encoding, self.population)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -155,6 +162,8 @@ class MNISTDataset(torch.utils.data.Dataset):
             x = torch.from_numpy(raw.astype(np.float32) / 255.0).unsqueeze(-1)
         elif self.encoding == "window":
             x = pixel_windows(torch.from_numpy(raw.astype(np.float32) / 255.0), self.window)
+        elif self.encoding == "sliding":
+            x = sliding_windows(torch.from_numpy((raw / 255.0 > BINARY_THRESHOLD).astype(np.float32)), self.window)
         elif self.encoding == "rbf":
             x = torch.from_numpy(self.table[raw])
         else:
