@@ -1,0 +1,102 @@
+"""Truncated BPTT (train.truncated_bptt_batch, --tbptt): what each optimizer step's gradient is."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from srnn_fast import train as T
+from srnn_fast.modules import AdaptiveSRNN
+
+B, STEPS, C = 4, 12, 3
+
+
+def _net(decode="count"):
+    torch.manual_seed(0)
+    readout = "spiking" if decode == "count" else "integrator"
+    net = AdaptiveSRNN(2, [6, 5], C, readout=readout, decode=decode, batch_first=True, backend="reference",
+                       dtype=torch.float64, b0=0.01, init_state="uniform_always")
+    x = torch.rand(B, STEPS, 2, dtype=torch.float64) * 3
+    return net, x, torch.tensor([0, 1, 2, 1])
+
+
+def _grads(net):
+    return [p.grad.clone() for p in net.parameters()]
+
+
+def _mean_ce(logits, y):
+    return F.cross_entropy(logits, y)
+
+
+def _decoded(o, decode):  # o [B, T, C]
+    return {"count": o.sum(1), "mean": o.mean(1), "last": o[:, -1], "max": o.max(1).values}[decode]
+
+
+@pytest.mark.parametrize("decode", T.TBPTT_DECODERS)
+def test_each_step_backpropagates_through_its_chunk_only(decode):
+    net, x, y = _net(decode)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # weights unchanged: every step's gradient at the same point
+    seen = []
+    torch.manual_seed(7)  # the random initial membranes
+    loss_sum, count, correct, skipped = T.truncated_bptt_batch(net, opt, x, y, 5, None,
+                                                                lambda: seen.append(_grads(net)))
+    assert skipped == 0 and len(seen) == 3 and count.item() == B  # chunks of 5, 5, 2 steps
+    # the last chunk's logits are the whole sequence's, as forward decodes them
+    torch.manual_seed(7)
+    full = net(x)
+    torch.testing.assert_close(loss_sum / B, _mean_ce(full, y), rtol=1e-12, atol=0)
+    assert correct.item() == (full.argmax(-1) == y).sum().item()
+
+    def reference_grads(t_cut, t_end):
+        """The gradient of the loss at t_end with the state (and the decoded part) before t_cut held fixed."""
+        net.zero_grad()
+        torch.manual_seed(7)
+        o0, state = net.stream(x[:, :t_cut])
+        o1, _ = net.stream(x[:, t_cut:t_end], T._detached(state))
+        o = torch.cat([o0.detach(), o1], 1)
+        _mean_ce(_decoded(o, decode), y).backward()
+        return _grads(net)
+
+    for step, (t_cut, t_end) in enumerate([(0, 5), (5, 10), (10, 12)]):
+        if t_cut == 0:  # plain BPTT over the first chunk
+            net.zero_grad()
+            torch.manual_seed(7)
+            o, _ = net.stream(x[:, :5])
+            _mean_ce(_decoded(o, decode), y).backward()
+            expected = _grads(net)
+        else:
+            expected = reference_grads(t_cut, t_end)
+        for got, want in zip(seen[step], expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    # the truncation cuts: full BPTT through all 12 steps gives another gradient
+    net.zero_grad()
+    torch.manual_seed(7)
+    _mean_ce(net(x), y).backward()
+    assert any(not torch.allclose(a, b) for a, b in zip(seen[-1], _grads(net)))
+
+
+def test_one_chunk_is_plain_bptt():
+    net, x, y = _net()
+    twin = copy.deepcopy(net)
+    opt = torch.optim.Adam(T.param_groups(net, 1e-2, 2e-2))
+    opt_twin = torch.optim.Adam(T.param_groups(twin, 1e-2, 2e-2))
+    torch.manual_seed(3)
+    T.truncated_bptt_batch(net, opt, x, y, STEPS, 1.0, lambda: T.clamp_time_constants(net))
+    torch.manual_seed(3)
+    loss_sum, count, _ = T.loss_terms(twin(x), y)
+    (loss_sum / count).backward()
+    assert T.optimizer_step(twin, opt_twin, 1.0)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
+def test_tbptt_options_are_checked(capsys):
+    parser = T.make_parser()
+    for argv, message in ((["--task", "smnist", "--model", "lstm", "--tbptt", "50"], "SRNN models"),
+                          (["--task", "ecg", "--tbptt", "50"], "sequence-level decoder"),
+                          (["--task", "smnist", "--tbptt", "0"], "tbptt")):
+        with pytest.raises(SystemExit):
+            T.config_from_args(parser.parse_args(argv), parser)
+        assert message in capsys.readouterr().err
+    cfg = T.config_from_args(parser.parse_args(["--task", "smnist", "--tbptt", "100"]), parser)
+    assert cfg["tbptt"] == 100 and T.config_from_args(parser.parse_args(["--task", "smnist"]), parser)["tbptt"] is None
