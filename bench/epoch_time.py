@@ -8,8 +8,8 @@ Takes the training CLI's flags (python -m srnn_fast.train: the preset, its overr
 options) plus ``--backends`` and ``--batches``. Each backend gets the same network (same seed)
 and the same batches of real data; the backends take turns batch by batch, so a change of load
 on a shared machine hits both alike. Timed per batch: a training step (forward, backward,
-clipping, Adam step; the trainer's own functions), a forward pass in eval mode (validation and
-test), and loading + encoding the batch. After one untimed warm-up batch per backend the
+clipping, Adam step, or the chunks of truncated BPTT: the trainer's own ``train_batch``), a
+forward pass in eval mode (validation and test), and loading + encoding the batch. After one untimed warm-up batch per backend the
 medians are extrapolated to an epoch as the trainer runs it:
 
     epoch = n_train / B x (load + train step) + (n_val + n_test) / B x (load + eval pass)
@@ -104,11 +104,7 @@ def main(argv=None) -> int:
             net, opt = nets[backend], opts[backend]
             net.train()
             start = _clock()
-            loss_sum, count, _ = T.loss_terms(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            (loss_sum / count).backward()
-            if T.optimizer_step(net, opt, cfg.get("grad_clip")):
-                T.clamp_time_constants(net)
+            T.train_batch(net, opt, x, y, cfg, lambda: T.clamp_time_constants(net))
             step = _since(start)
             net.eval()
             start = _clock()

@@ -505,6 +505,28 @@ def truncated_bptt_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.
     return loss_sum, count, correct, skipped
 
 
+def train_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: dict,
+                after_step=lambda: None, net: nn.Module = None, world: int = 1) -> tuple:
+    """One training batch as the trainer runs it: a BPTT step over the whole sequence (through
+    ``net``, the DDP wrapper where there is one), or truncated BPTT with ``cfg["tbptt"]``.
+    ``after_step()`` runs after every optimizer step taken. Returns (loss_sum, count, correct,
+    optimizer steps tried, steps skipped for a non-finite gradient)."""
+    if cfg.get("tbptt"):
+        loss_sum, count, correct, skipped = truncated_bptt_batch(model, opt, x, y, cfg["tbptt"], cfg.get("grad_clip"),
+                                                                 after_step)
+        return loss_sum, count, correct, -(-x.shape[1] // cfg["tbptt"]), skipped
+    loss_sum, count, correct = loss_terms((net or model)(x), y)
+    # Share of the mean over the global batch; DDP averages gradients over ranks.
+    global_count = _all_sum(count.to(torch.float64).reshape(1)).item()
+    loss = loss_sum * (world / max(global_count, 1.0))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    taken = optimizer_step(model, opt, cfg.get("grad_clip"))
+    if taken:
+        after_step()
+    return loss_sum, count, correct, 1, int(not taken)
+
+
 def loss_terms(logits: torch.Tensor, y: torch.Tensor):
     """(summed cross entropy, number of counted targets, number correct); label -1 is ignored."""
     C = logits.shape[-1]
@@ -665,10 +687,9 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         out.mkdir(parents=True, exist_ok=True)
         _save_json(out / "config.json", cfg)
     net = model
-    tbptt = cfg.get("tbptt")
-    if tbptt and world > 1:
+    if cfg.get("tbptt") and world > 1:
         raise ValueError("--tbptt trains in one process (its chunks bypass DDP's forward); run without torchrun")
-    if tbptt and cfg["decode"] not in TBPTT_DECODERS:
+    if cfg.get("tbptt") and cfg["decode"] not in TBPTT_DECODERS:
         raise ValueError(f"tbptt needs decode in {TBPTT_DECODERS}; got {cfg['decode']!r}")
 
     def after_step():  # after every optimizer step taken
@@ -693,23 +714,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", disable=not show, leave=False)
         for x, y in bar:
             x, y = x.to(device, dtype), y.to(device)
-            if tbptt:
-                loss_sum, count, correct, n_skipped = truncated_bptt_batch(model, opt, x, y, tbptt,
-                                                                           cfg.get("grad_clip"), after_step)
-                skipped, steps = skipped + n_skipped, steps + -(-x.shape[1] // tbptt)
-            else:
-                logits = net(x)
-                loss_sum, count, correct = loss_terms(logits, y)
-                # Share of the mean over the global batch; DDP averages gradients over ranks.
-                global_count = _all_sum(count.to(torch.float64).reshape(1)).item()
-                loss = loss_sum * (world / max(global_count, 1.0))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if optimizer_step(model, opt, cfg.get("grad_clip")):
-                    after_step()
-                else:
-                    skipped += 1
-                steps += 1
+            loss_sum, count, correct, n_steps, n_skipped = train_batch(model, opt, x, y, cfg, after_step, net, world)
+            steps, skipped = steps + n_steps, skipped + n_skipped
             totals += torch.tensor([loss_sum.item(), count.item(), correct.item()], dtype=torch.float64)
             bar.set_postfix(loss=f"{loss_sum.item() / max(count.item(), 1):.4f}")
         totals = _all_sum(totals.to(device)).cpu()

@@ -1,11 +1,15 @@
 """Truncated BPTT (train.truncated_bptt_batch, --tbptt): what each optimizer step's gradient is."""
 import copy
+import json
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from srnn_fast import train as T
+from srnn_fast.data.synthetic import write_tiny
 from srnn_fast.modules import AdaptiveSRNN
 
 B, STEPS, C = 4, 12, 3
@@ -100,3 +104,18 @@ def test_tbptt_options_are_checked(capsys):
         assert message in capsys.readouterr().err
     cfg = T.config_from_args(parser.parse_args(["--task", "smnist", "--tbptt", "100"]), parser)
     assert cfg["tbptt"] == 100 and T.config_from_args(parser.parse_args(["--task", "smnist"]), parser)["tbptt"] is None
+
+
+def test_epoch_time_times_the_truncated_steps(tmp_path):
+    """bench/epoch_time.py times the trainer's own train_batch: the preset's truncated BPTT too."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import epoch_time
+
+    write_tiny("smnist", tmp_path)
+    out = tmp_path / "epoch.json"
+    assert epoch_time.main(["--task", "psmnist", "--preset", "psmnist_64_256", "--data-dir", str(tmp_path),
+                            "--limit", "8", "--batch-size", "4", "--batches", "1", "--threads", "1", "--quiet",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["preset"] == "psmnist_64_256" and set(result["backends"]) == {"cpp", "reference"}
+    assert all(r["cpu"]["train_step_s"] > 0 for r in result["backends"].values())
