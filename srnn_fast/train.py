@@ -288,7 +288,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="time constants that train: all (tau_m, tau_adp, tau_out), none, m (tau_m and tau_out) "
                         "or adp (tau_adp); frozen ones keep their initial values (the method's Fig. 6b ablation)")
     p.add_argument("--tau-out-init", type=_pair, help="MEAN,STD of the readout time constants")
-    p.add_argument("--b0", type=_positive(float), help="baseline threshold (presets: 0.01; S-MNIST / PS-MNIST 80 or 40 fields: 0.1)")
+    p.add_argument("--b0", type=_positive(float),
+                   help="baseline threshold (presets: 0.01; the S-MNIST / PS-MNIST RBF presets: 0.1)")
     p.add_argument("--tbptt", type=_positive(int), metavar="K",
                    help="truncated BPTT: an optimizer step every K time steps of a batch, on the loss of the "
                         "output decoded so far, the state carried on detached (SRNN models; decode count, mean, "
@@ -639,6 +640,10 @@ class WeightEMA:
 def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_budget: float = None) -> dict:
     """Train (or continue) one run into folder ``out``; returns the metrics dict."""
     rank, world = _world()
+    if cfg.get("tbptt") and world > 1:
+        raise ValueError("--tbptt trains in one process (its chunks bypass DDP's forward); run without torchrun")
+    if cfg.get("tbptt") and cfg["decode"] not in TBPTT_DECODERS:
+        raise ValueError(f"tbptt needs decode in {TBPTT_DECODERS}; got {cfg['decode']!r}")
     device = torch.device(cfg["device"])
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -687,10 +692,6 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         out.mkdir(parents=True, exist_ok=True)
         _save_json(out / "config.json", cfg)
     net = model
-    if cfg.get("tbptt") and world > 1:
-        raise ValueError("--tbptt trains in one process (its chunks bypass DDP's forward); run without torchrun")
-    if cfg.get("tbptt") and cfg["decode"] not in TBPTT_DECODERS:
-        raise ValueError(f"tbptt needs decode in {TBPTT_DECODERS}; got {cfg['decode']!r}")
 
     def after_step():  # after every optimizer step taken
         clamp_time_constants(model)
@@ -722,7 +723,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         if steps and skipped == steps:
             raise FloatingPointError(
                 f"training diverged: every optimizer step of epoch {epoch} had a non-finite gradient "
-                f"(BPTT overflowing {cfg['dtype']}); try a smaller --lr, --dtype float64 or a shorter --seq-len"
+                f"(BPTT overflowing {cfg['dtype']}); try --tbptt K, a smaller --lr, --dtype float64 or a shorter --seq-len"
                 + (f"; {out / 'last.pt'} holds the last good epoch" if epoch > 1 else ""))
         lr = opt.param_groups[0]["lr"]
         sched.step()
