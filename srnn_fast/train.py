@@ -483,9 +483,9 @@ def truncated_bptt_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.
     so far). The network state and the running count / sum / max carry over detached, so no
     gradient reaches back past a chunk: the BPTT products span at most k steps. ``after_step()``
     runs after every step taken. Returns (loss_sum, count, correct) of the last chunk's logits
-    (the whole sequence's, as forward decodes them) and the number of steps skipped."""
+    (the whole sequence's, as forward decodes them), the number of steps tried and of those skipped."""
     decode, T = model.decode, x.shape[1]
-    state, carried, skipped = None, None, 0
+    state, carried, steps, skipped = None, None, 0, 0
     for t0 in range(0, T, k):
         o, state = model.stream(x[:, t0:t0 + k], state)  # o [B, chunk, C]
         if decode == "last":
@@ -498,12 +498,13 @@ def truncated_bptt_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.
         loss_sum, count, correct = loss_terms(logits, y)
         opt.zero_grad(set_to_none=True)
         (loss_sum / max(count.item(), 1)).backward()
+        steps += 1
         if optimizer_step(model, opt, grad_clip):
             after_step()
         else:
             skipped += 1
         state, carried = _detached(state), part.detach()
-    return loss_sum, count, correct, skipped
+    return loss_sum, count, correct, steps, skipped
 
 
 def train_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: dict,
@@ -513,9 +514,7 @@ def train_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     ``after_step()`` runs after every optimizer step taken. Returns (loss_sum, count, correct,
     optimizer steps tried, steps skipped for a non-finite gradient)."""
     if cfg.get("tbptt"):
-        loss_sum, count, correct, skipped = truncated_bptt_batch(model, opt, x, y, cfg["tbptt"], cfg.get("grad_clip"),
-                                                                 after_step)
-        return loss_sum, count, correct, -(-x.shape[1] // cfg["tbptt"]), skipped
+        return truncated_bptt_batch(model, opt, x, y, cfg["tbptt"], cfg.get("grad_clip"), after_step)
     loss_sum, count, correct = loss_terms((net or model)(x), y)
     # Share of the mean over the global batch; DDP averages gradients over ranks.
     global_count = _all_sum(count.to(torch.float64).reshape(1)).item()

@@ -42,9 +42,9 @@ def test_each_step_backpropagates_through_its_chunk_only(decode):
     opt = torch.optim.SGD(net.parameters(), lr=0.0)  # weights unchanged: every step's gradient at the same point
     seen = []
     torch.manual_seed(7)  # the random initial membranes
-    loss_sum, count, correct, skipped = T.truncated_bptt_batch(net, opt, x, y, 5, None,
-                                                                lambda: seen.append(_grads(net)))
-    assert skipped == 0 and len(seen) == 3 and count.item() == B  # chunks of 5, 5, 2 steps
+    loss_sum, count, correct, steps, skipped = T.truncated_bptt_batch(net, opt, x, y, 5, None,
+                                                                       lambda: seen.append(_grads(net)))
+    assert (steps, skipped) == (3, 0) and len(seen) == 3 and count.item() == B  # chunks of 5, 5, 2 steps
     # the last chunk's logits are the whole sequence's, as forward decodes them
     torch.manual_seed(7)
     full = net(x)
@@ -52,25 +52,19 @@ def test_each_step_backpropagates_through_its_chunk_only(decode):
     assert correct.item() == (full.argmax(-1) == y).sum().item()
 
     def reference_grads(t_cut, t_end):
-        """The gradient of the loss at t_end with the state (and the decoded part) before t_cut held fixed."""
+        """The gradient of the loss at t_end with the state (and the decoded part) before t_cut held
+        fixed; t_cut = 0: plain BPTT over the first t_end steps."""
         net.zero_grad()
         torch.manual_seed(7)
-        o0, state = net.stream(x[:, :t_cut])
+        o, state = x.new_zeros(B, 0, C), None
+        if t_cut:
+            o, state = net.stream(x[:, :t_cut])
         o1, _ = net.stream(x[:, t_cut:t_end], T._detached(state))
-        o = torch.cat([o0.detach(), o1], 1)
-        _mean_ce(_decoded(o, decode), y).backward()
+        _mean_ce(_decoded(torch.cat([o.detach(), o1], 1), decode), y).backward()
         return _grads(net)
 
     for step, (t_cut, t_end) in enumerate([(0, 5), (5, 10), (10, 12)]):
-        if t_cut == 0:  # plain BPTT over the first chunk
-            net.zero_grad()
-            torch.manual_seed(7)
-            o, _ = net.stream(x[:, :5])
-            _mean_ce(_decoded(o, decode), y).backward()
-            expected = _grads(net)
-        else:
-            expected = reference_grads(t_cut, t_end)
-        for got, want in zip(seen[step], expected):
+        for got, want in zip(seen[step], reference_grads(t_cut, t_end)):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     # the truncation cuts: full BPTT through all 12 steps gives another gradient
     net.zero_grad()
