@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     for backend in backends:
         torch.manual_seed(cfg["seed"])
         nets[backend] = T.build_model(dict(cfg, backend=backend))
-        opts[backend] = torch.optim.Adam(T.param_groups(nets[backend], cfg["lr"], cfg["lr_tau"]))
+        opts[backend] = T.make_optimizer(nets[backend], cfg)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
     loader = torch.utils.data.DataLoader(train_ds, batch_size=B, sampler=order)
     times = {b: {"train": [], "eval": []} for b in backends}

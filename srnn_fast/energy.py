@@ -169,12 +169,13 @@ def layer_energy(kind: str, m: int, n: int, *, costs: EnergyCosts = EnergyCosts(
 # Networks described by a run's config.json
 # ---------------------------------------------------------------------------------------
 SPIKE_INPUT_TASKS = ("ecg", "shd")
-SPIKE_ENCODINGS = ("poisson",)
+SPIKE_ENCODINGS = ("poisson", "sliding")
 
 
 def input_is_spikes(config: dict) -> bool:
-    """ECG (level crossings) and SHD are spikes; MNIST only with the Poisson encoding (the
-    RBF population, analog pixels and pixel windows are real values)."""
+    """ECG (level crossings) and SHD are spikes; MNIST with the Poisson encoding and the
+    sliding window of binarised pixels (0 / 1: an addition per active input, as measure_ops
+    counts it); the RBF population, analog pixels and pixel windows are real values."""
     if str(config.get("task", "")).lower() in SPIKE_INPUT_TASKS:
         return True
     encoding = (config.get("data") or {}).get("encoding", config.get("encoding", ""))
@@ -185,7 +186,8 @@ def network_layers(config: dict) -> list:
     """LayerSpecs (hidden layers, then the readout) of the network a run's config describes.
 
     Uses the keys model, input_size, hidden_sizes, num_classes, and where present
-    readout, decode, recurrent, task, data.encoding (the run folders of srnn_fast.train).
+    dense_sizes, readout, decode, recurrent, task, data.encoding (the run folders of
+    srnn_fast.train); dense layers are feed-forward hidden layers after the recurrent ones.
     """
     for key in ("model", "input_size", "hidden_sizes", "num_classes"):
         if key not in config:
@@ -203,6 +205,9 @@ def network_layers(config: dict) -> list:
         layers.append(LayerSpec(f"layer{i}", model, m, int(n), recurrent=recurrent if spiking or model == "relu"
                                 else True, input_spikes=spikes_in if i == 0 else spiking))
         m = int(n) * dirs
+    for n in config.get("dense_sizes") or []:
+        layers.append(LayerSpec(f"layer{len(layers)}", model, m, int(n), recurrent=False, input_spikes=spiking))
+        m = int(n)
     C = int(config["num_classes"])
     if spiking or model == "relu":
         readout = config.get("readout", "integrator")

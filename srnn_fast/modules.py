@@ -15,8 +15,12 @@ DECODERS = ("count", "last", "max", "mean", "per_step")
 # Initial membrane without a given state: "uniform" U(0, 1) in training and 0 in evaluation;
 # "uniform_always" U(0, 1) in both (the method's code: a network trained on random starts can
 # rely on the first steps' burst of spikes, and then fails from u = 0; PS-MNIST: 61 % vs 31 %);
-# "zeros" 0 in both.
-INIT_STATES = ("uniform", "zeros", "uniform_always")
+# "uniform_b0" U(0, b0) in both (the method's PS-MNIST script: every neuron starts below its
+# threshold b0 (1 + beta), so none spikes at the first step); "zeros" 0 in both.
+INIT_STATES = ("uniform", "zeros", "uniform_always", "uniform_b0")
+# The recurrent weights' initialisation: orthogonal, or zeros (the method's PS-MNIST script:
+# the recurrence grows from nothing as training needs it).
+REC_INITS = ("orthogonal", "zeros")
 # Which time constants train: tau_m and tau_adp ("all"), only one of them, or neither. A
 # frozen one stays at its initial value as a buffer under the same name, so optimizers,
 # checkpoints, torch.compile and DDP see exactly the trainable ones.
@@ -89,7 +93,7 @@ def _time_constant(module: nn.Module, name: str, value: torch.Tensor, trainable:
 
 class NetworkState(NamedTuple):
     """An AdaptiveSRNN's state between two ``stream`` calls: ``layers``, one SRNNState per
-    recurrent layer; ``readout``: the integrator's o [B, C], the spiking readout's SRNNState,
+    hidden layer (recurrent, then dense); ``readout``: the integrator's o [B, C], the spiking readout's SRNNState,
     or for the membrane readout (its scan's SRNNState, its membrane trace's SRNNState)."""
 
     layers: tuple
@@ -100,12 +104,13 @@ class SRNNLayer(nn.Module):
     """A recurrent layer of spiking (or relu) neurons with trainable time constants.
 
     Parameters: ``input.weight`` [H, I] (Xavier-uniform), ``input.bias`` [H] (zeros),
-    ``w_rec`` [H, H] (orthogonal; absent when ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5),
-    ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
+    ``w_rec`` [H, H] (orthogonal, or zeros with ``rec_init="zeros"``; absent when
+    ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5), ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
     shape [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched) and s shaped alike.
     Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``), in
     training and evaluation (``"uniform_always"``; drawn from torch's global RNG, so seed it
-    for a repeatable evaluation), else from u = 0; always with eta = b0 and s = 0.
+    for a repeatable evaluation), from u ~ U(0, b0) in both (``"uniform_b0"``), else from
+    u = 0; always with eta = b0 and s = 0.
     ``train_tau``: which time constants are parameters ("all", "m": tau_m only, "adp":
     tau_adp only, "none"); the others are buffers that keep their initial values (same
     state_dict keys).
@@ -115,7 +120,8 @@ class SRNNLayer(nn.Module):
                  backend: str = "auto", bias: bool = True, recurrent: bool = True, b0: float = 0.01, beta=None,
                  dt: float = 1.0, r_m: float = 1.0, surrogate: str = "gaussian", sigma: float = 0.5,
                  gamma: float = 0.5, tau_m_init=(20.0, 5.0), tau_adp_init=(150.0, 10.0),
-                 init_state: str = "uniform", train_tau: str = "all", device=None, dtype=None):
+                 init_state: str = "uniform", train_tau: str = "all", rec_init: str = "orthogonal",
+                 device=None, dtype=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -124,6 +130,7 @@ class SRNNLayer(nn.Module):
         self.backend = check_backend(backend)
         self.init_state = _choice("init_state", init_state, INIT_STATES)
         self.train_tau = _choice("train_tau", train_tau, TRAIN_TAU)
+        self.rec_init = _choice("rec_init", rec_init, REC_INITS)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.batch_first = batch_first
         factory = {"device": device, "dtype": dtype}
@@ -142,7 +149,7 @@ class SRNNLayer(nn.Module):
         if self.input.bias is not None:
             nn.init.zeros_(self.input.bias)
         if isinstance(self.w_rec, nn.Parameter):
-            nn.init.orthogonal_(self.w_rec)
+            (nn.init.orthogonal_ if self.rec_init == "orthogonal" else nn.init.zeros_)(self.w_rec)
         _normal_init(self.tau_m, self.tau_m_init, floor=self.config.dt)
         _normal_init(self.tau_adp, self.tau_adp_init, floor=self.config.dt)
 
@@ -156,6 +163,8 @@ class SRNNLayer(nn.Module):
         w = self.w_rec
         if self.init_state == "uniform_always" or (self.training and self.init_state == "uniform"):
             u = torch.rand(batch, self.hidden_size, device=w.device, dtype=w.dtype)
+        elif self.init_state == "uniform_b0":
+            u = torch.rand(batch, self.hidden_size, device=w.device, dtype=w.dtype) * self.config.b0
         else:
             u = w.new_zeros(batch, self.hidden_size)
         return SRNNState(u, torch.full_like(u, self.config.b0), torch.zeros_like(u))
@@ -182,8 +191,9 @@ class SRNNLayer(nn.Module):
 
     def extra_repr(self) -> str:
         frozen = "" if self.train_tau == "all" else f", train_tau={self.train_tau!r}"
+        zeros = ", rec_init='zeros'" if self.rec_init == "zeros" and isinstance(self.w_rec, nn.Parameter) else ""
         return (f"{self.input_size}, {self.hidden_size}, neuron={self.config.neuron!r}, "
-                f"recurrent={isinstance(self.w_rec, nn.Parameter)}, backend={self.backend!r}{frozen}")
+                f"recurrent={isinstance(self.w_rec, nn.Parameter)}, backend={self.backend!r}{frozen}{zeros}")
 
 
 class AdaptiveSRNN(nn.Module):
@@ -196,19 +206,24 @@ class AdaptiveSRNN(nn.Module):
     method's ECG network: the output neurons spike and reset, and their membrane is the logit).
     ``decode``: "count" (sum of output spikes; spiking readout only), "last" (o_T), "max" / "mean"
     over t, or "per_step" (o_t for every step: [T, B, C], or [B, T, C] with batch_first).
+    ``dense_sizes``: feed-forward spiking layers (W_rec = 0) of these widths after the recurrent
+    ones (the method's PS-MNIST network: recurrent 64 and 256, then a dense layer of 256); they
+    are in ``layers`` after the recurrent ones.
     ``forward(x) -> logits [B, C]``; ``forward(x, return_spikes=True)`` also returns the list
-    of every recurrent layer's output s [T, B, H] (time-major).
+    of every hidden layer's output s [T, B, H] (time-major).
     """
 
     def __init__(self, input_size: int, hidden_sizes, output_size: int, *, neuron: str = "adaptive",
                  readout: str = "integrator", decode: str = "mean", batch_first: bool = False,
-                 backend: str = "auto", tau_out_init=(20.0, 5.0), device=None, dtype=None, **layer_kwargs):
+                 backend: str = "auto", tau_out_init=(20.0, 5.0), dense_sizes=(), device=None, dtype=None,
+                 **layer_kwargs):
         super().__init__()
         if isinstance(hidden_sizes, int):
             hidden_sizes = [hidden_sizes]
         hidden_sizes = list(hidden_sizes)
         if not hidden_sizes:
             raise ValueError("hidden_sizes must name at least one recurrent layer")
+        dense_sizes = [dense_sizes] if isinstance(dense_sizes, int) else list(dense_sizes)
         if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
             raise ValueError(f"output_size must be a positive int; got {output_size!r}")
         self.readout = _choice("readout", readout, READOUTS)
@@ -217,21 +232,23 @@ class AdaptiveSRNN(nn.Module):
             raise ValueError('decode="count" counts output spikes and needs readout="spiking"')
         self.batch_first = batch_first
         factory = {"device": device, "dtype": dtype}
-        sizes = [input_size] + hidden_sizes
+        sizes = [input_size] + hidden_sizes + dense_sizes
+        ff_kwargs = {k: v for k, v in layer_kwargs.items() if k != "recurrent"}  # dense and readout layers
         self.layers = nn.ModuleList(
-            SRNNLayer(i, h, neuron=neuron, backend=backend, **layer_kwargs, **factory)
-            for i, h in zip(sizes[:-1], sizes[1:]))
+            SRNNLayer(i, h, neuron=neuron, backend=backend, **(layer_kwargs if n < len(hidden_sizes) else
+                                                                 dict(ff_kwargs, recurrent=False)), **factory)
+            for n, (i, h) in enumerate(zip(sizes[:-1], sizes[1:])))
         self.dt = self.layers[0].config.dt
         if readout == "integrator":
-            self.output = nn.Linear(hidden_sizes[-1], output_size, **factory)
+            self.output = nn.Linear(sizes[-1], output_size, **factory)
             nn.init.xavier_uniform_(self.output.weight)
             nn.init.zeros_(self.output.bias)
             _time_constant(self, "tau_out", torch.empty(output_size, **factory),
                            isinstance(self.layers[0].tau_m, nn.Parameter))  # trains with tau_m
             _normal_init(self.tau_out, tau_out_init, floor=self.dt)
         else:
-            out_kwargs = {k: v for k, v in layer_kwargs.items() if k != "neuron"}
-            self.output = SRNNLayer(hidden_sizes[-1], output_size, neuron="adaptive", backend=backend,
+            out_kwargs = {k: v for k, v in ff_kwargs.items() if k != "neuron"}
+            self.output = SRNNLayer(sizes[-1], output_size, neuron="adaptive", backend=backend,
                                     recurrent=False, **out_kwargs, **factory)
 
     def forward(self, x: torch.Tensor, return_spikes: bool = False):

@@ -91,8 +91,7 @@ class Run:
     @property
     def network(self) -> str:
         c = self.config
-        hidden = c["hidden_sizes"] if isinstance(c["hidden_sizes"], list) else [c["hidden_sizes"]]
-        return "-".join(str(v) for v in [c["input_size"], *hidden, c["num_classes"]])
+        return f"{c['input_size']}-{_hidden_label(_hidden(c), c.get('dense_sizes') or ())}-{c['num_classes']}"
 
     @property
     def params(self) -> Optional[int]:
@@ -314,7 +313,7 @@ def plot_taus(run: Run, init, trained, path: Path) -> None:
             ax.hist(v.numpy(), bins=bins, histtype="step", lw=1.5, label=label_)
         ax.set(xlabel=f"{label} (steps)", ylabel="neurons", title=label)
         ax.legend()
-    fig.suptitle(f"{run.name}: time constants of the recurrent layers")
+    fig.suptitle(f"{run.name}: time constants of the hidden layers")
     _save(plt, fig, path)
 
 
@@ -422,11 +421,12 @@ class Selected:
 
     @property
     def key(self) -> tuple:
-        """(task, model, train_tau, hidden sizes): what the ablations vary. train_tau is None
-        for the baselines (no time constants); runs from before the option trained all."""
+        """(task, model, train_tau, recurrent sizes, dense sizes): what the ablations vary.
+        train_tau is None for the baselines (no time constants); runs from before the option
+        trained all."""
         c = self.run.config
         tau = c.get("train_tau", "all") if self.run.model in SRNN_MODELS else None
-        return self.run.task, self.run.model, tau, tuple(_hidden(c))
+        return self.run.task, self.run.model, tau, tuple(_hidden(c)), tuple(c.get("dense_sizes") or ())
 
 
 def _hidden(config: dict) -> list:
@@ -469,10 +469,10 @@ def group_runs(selected) -> dict:
         groups.setdefault(s.key, []).append(s)
 
     def order(key):
-        task, model, tau, hidden = key
+        task, model, tau, hidden, dense = key
         return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task,
                 list(METHOD_NAMES).index(model) if model in METHOD_NAMES else 99,
-                TRAIN_TAU_ORDER.index(tau) if tau in TRAIN_TAU_ORDER else -1, sum(hidden), hidden)
+                TRAIN_TAU_ORDER.index(tau) if tau in TRAIN_TAU_ORDER else -1, sum(hidden) + sum(dense), hidden, dense)
     return {k: sorted(groups[k], key=lambda s: s.run.name) for k in sorted(groups, key=order)}
 
 
@@ -480,13 +480,16 @@ def group_runs(selected) -> dict:
 # experiments: what the spread is over (seeds, splits) and bookkeeping.
 _REPLICATE_KEYS = {"seed", "data_seed", "data_dir", "threads", "device", "data_info", "n_train", "n_val", "n_test",
                    "world_size", "backend", "out"}
+# Settings added after runs were trained: those runs' configs lack them and had these values.
+_CONFIG_DEFAULTS = {"dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam", "lr_linear": None}
 
 
 def varying_settings(selected) -> list:
     """The other config settings (data options as data.NAME) whose values differ between
     these runs: a group is meant to vary only in seed or split, so these are worth saying."""
     def flat(c):
-        items = {k: v for k, v in c.items() if k not in _REPLICATE_KEYS and k != "data"}
+        items = dict(_CONFIG_DEFAULTS)  # runs from before a setting existed had its default
+        items.update({k: v for k, v in c.items() if k not in _REPLICATE_KEYS and k != "data"})
         items.update({f"data.{k}": v for k, v in (c.get("data") or {}).items()})
         return items
     configs = [flat(s.run.config) for s in selected]
@@ -503,7 +506,7 @@ def ablation_table(groups: dict) -> str:
     rows = ["| task | model | train_tau | hidden | n | accuracy (%) mean ± sd | min | max | Fr mean ± sd | epochs "
             "| runs |",
             "|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
-    for (task, model, tau, hidden), sel in groups.items():
+    for (task, model, tau, hidden, dense), sel in groups.items():
         accs = [s.acc for s in sel]
         frs = [s.fr for s in sel if s.fr is not None]
         fr = "–"
@@ -511,7 +514,7 @@ def ablation_table(groups: dict) -> str:
             mean, sd = _mean_sd(frs)
             fr = f"{mean:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
         rows.append(f"| {TASK_NAMES.get(task, task)} | {METHOD_NAMES.get(model, model)} | {tau or '–'} | "
-                    f"{_hidden_label(hidden)} | {len(sel)} | {_pct_mean_sd(accs)} | {100 * min(accs):.2f} | "
+                    f"{_hidden_label(hidden, dense)} | {len(sel)} | {_pct_mean_sd(accs)} | {100 * min(accs):.2f} | "
                     f"{100 * max(accs):.2f} | {fr} | {', '.join(str(s.epoch) for s in sel)} | "
                     f"{', '.join(s.run.name for s in sel)} |")
     return "\n".join(rows)
@@ -531,8 +534,9 @@ def _strip(ax, x: float, values, color) -> None:
     ax.errorbar([x + 0.25], [mean], yerr=[[sd or 0.0], [sd or 0.0]], fmt="D", color=color, ms=6, capsize=4, zorder=4)
 
 
-def _hidden_label(hidden) -> str:
-    return "-".join(map(str, hidden))
+def _hidden_label(hidden, dense=()) -> str:
+    """Hidden widths, e.g. 64-256-256d: d marks a feed-forward (dense) layer."""
+    return "-".join([*map(str, hidden), *(f"{n}d" for n in dense)])
 
 
 def _all_trained(groups: dict) -> dict:
@@ -541,7 +545,8 @@ def _all_trained(groups: dict) -> dict:
 
 
 def _tasks_varying(sel: dict, field: int) -> list:
-    """The tasks (in order) whose groups in ``sel`` take two or more values of key[field]."""
+    """The tasks (in order) whose groups in ``sel`` take two or more values of key[field] (an
+    index or a slice)."""
     return [t for t in dict.fromkeys(k[0] for k in sel) if len({k[field] for k in sel if k[0] == t}) > 1]
 
 
@@ -556,11 +561,11 @@ def plot_ablation_neuron(groups: dict, path: Path) -> Optional[str]:
     fig, axes = _panels(plt, len(tasks))
     for ax, task in zip(axes, tasks):
         keys = [k for k in sel if k[0] == task]
-        several_sizes = len({k[3] for k in keys}) > 1
+        several_sizes = len({k[3:] for k in keys}) > 1
         for x, key in enumerate(keys):
             _strip(ax, x, [100 * s.acc for s in sel[key]], f"C{SRNN_MODELS.index(key[1])}")
         ax.set_xticks(range(len(keys)),
-                      [METHOD_NAMES[k[1]] + (f"\n{_hidden_label(k[3])}" if several_sizes else "") for k in keys],
+                      [METHOD_NAMES[k[1]] + (f"\n{_hidden_label(*k[3:])}" if several_sizes else "") for k in keys],
                       fontsize=8)
         ax.set(ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
         ax.margins(x=0.15)
@@ -574,24 +579,24 @@ def plot_ablation_tau(groups: dict, path: Path) -> Optional[str]:
     per (neuron type, size)."""
     # Only the (task, model, size) series run with two or more settings: the others compare nothing.
     settings = {}
-    for task, model, tau, hidden in (k for k in groups if k[2] is not None):
-        settings.setdefault((task, model, hidden), set()).add(tau)
-    sel = {k: v for k, v in groups.items() if len(settings.get((k[0], k[1], k[3]), ())) > 1}
+    for task, model, tau, *sizes in (k for k in groups if k[2] is not None):
+        settings.setdefault((task, model, *sizes), set()).add(tau)
+    sel = {k: v for k, v in groups.items() if len(settings.get((k[0], k[1], *k[3:]), ())) > 1}
     tasks = list(dict.fromkeys(k[0] for k in sel))
     if not tasks:
         return "no task has SRNN runs of one model and size with two or more train_tau settings (--train-tau)"
     plt = _plt()
     fig, axes = _panels(plt, len(tasks))
     for ax, task in zip(axes, tasks):
-        series = list(dict.fromkeys((k[1], k[3]) for k in sel if k[0] == task))
+        series = list(dict.fromkeys((k[1], k[3], k[4]) for k in sel if k[0] == task))
         width = 0.8 / len(series)
-        for i, (model, hidden) in enumerate(series):
+        for i, (model, hidden, dense) in enumerate(series):
             color = f"C{i}"
             for x, tau in enumerate(TRAIN_TAU_ORDER):
-                runs = sel.get((task, model, tau, hidden))
+                runs = sel.get((task, model, tau, hidden, dense))
                 if runs:
                     _strip(ax, x - 0.4 + width * (i + 0.5) - 0.125, [100 * s.acc for s in runs], color)
-            ax.plot([], [], "D", color=color, label=f"{METHOD_NAMES[model]} {_hidden_label(hidden)}")
+            ax.plot([], [], "D", color=color, label=f"{METHOD_NAMES[model]} {_hidden_label(hidden, dense)}")
         ax.set_xticks(range(len(TRAIN_TAU_ORDER)), [TRAIN_TAU_NAMES[t] for t in TRAIN_TAU_ORDER], fontsize=8)
         ax.set(xlabel="time constants trained", ylabel="test accuracy (%)", title=TASK_NAMES.get(task, task))
         ax.legend(fontsize=7)
@@ -605,19 +610,19 @@ def plot_ablation_size(groups: dict, path: Path) -> Optional[str]:
     type, marker area = hidden neurons, per task."""
     sel = {k: [s for s in v if s.fr is not None] for k, v in _all_trained(groups).items()}
     sel = {k: v for k, v in sel.items() if v}
-    tasks = _tasks_varying(sel, 3)
+    tasks = _tasks_varying(sel, slice(3, None))
     if not tasks:
         return "no task has SRNN runs (with a recorded Fr, all time constants trained) of two or more network sizes"
     plt = _plt()
     fig, axes = _panels(plt, len(tasks))
     for ax, task in zip(axes, tasks):
         keys = [k for k in sel if k[0] == task]
-        biggest = max(sum(k[3]) for k in keys)
+        biggest = max(sum(k[3]) + sum(k[4]) for k in keys)
         for key in keys:
-            size = 20 + 280 * sum(key[3]) / biggest
+            size = 20 + 280 * (sum(key[3]) + sum(key[4])) / biggest
             color = f"C{SRNN_MODELS.index(key[1])}"
             ax.scatter([s.fr for s in sel[key]], [100 * s.acc for s in sel[key]], s=size, color=color, alpha=0.6,
-                       edgecolors="k", linewidths=0.5, label=f"{METHOD_NAMES[key[1]]} {_hidden_label(key[3])}")
+                       edgecolors="k", linewidths=0.5, label=f"{METHOD_NAMES[key[1]]} {_hidden_label(key[3], key[4])}")
         ax.set(xlabel="firing rate Fr (test set, selected epoch)", ylabel="test accuracy (%)",
                title=TASK_NAMES.get(task, task))
         ax.legend(fontsize=7, markerscale=0.6)
@@ -646,7 +651,7 @@ def write_ablation(paths, out: Path, *, at_epoch: Optional[int] = None, command:
     md = ["# Ablations", "",
           f"{len(runs)} run folder(s) in {len(groups)} group(s) of equal task, model, train_tau (which time "
           f"constants train; – for the baselines) and hidden layer sizes. Accuracy: {rule}; Fr: the test-set firing "
-          "rate (spikes per neuron per step over the recurrent layers) at that epoch. mean ± sd: over the group's "
+          "rate (spikes per neuron per step over the hidden layers) at that epoch. mean ± sd: over the group's "
           "runs (sample sd; none for a single run); the runs differ in seed or data split. Epochs: the selected "
           "epoch of each run, in the order of the run names.", "",
           *([f"Generated with `{command}`.", ""] if command else []),
@@ -655,7 +660,7 @@ def write_ablation(paths, out: Path, *, at_epoch: Optional[int] = None, command:
     if mixed:
         md += ["Groups whose runs differ in more than seed and split (compare with care):", "",
                *[f"- {TASK_NAMES.get(k[0], k[0])}, {METHOD_NAMES.get(k[1], k[1])}, train_tau {k[2] or '–'}, "
-                 f"{_hidden_label(k[3])}: {', '.join(v)}" for k, v in mixed], ""]
+                 f"{_hidden_label(*k[3:])}: {', '.join(v)}" for k, v in mixed], ""]
     md += ["## Figures", ""]
     for name, title, plot in ABLATION_FIGURES:
         skipped = plot(groups, figs / name)
@@ -678,7 +683,7 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     md = [f"# {title}", "",
           f"{len(runs)} run folder(s). Accuracy: the test accuracy of the best epoch, chosen on the "
           "validation records where a run has them (metrics.json `selected_on`), else the highest over the epochs "
-          "(for ECG: per labelled time step); Fr: spikes per neuron per time step over all recurrent layers on the test set, at the best "
+          "(for ECG: per labelled time step); Fr: spikes per neuron per time step over all hidden layers (recurrent and dense) on the test set, at the best "
           "epoch. Parameters: trainable parameters, including time constants.", "",
           *([f"Generated with `{command}`.", ""] if command else []),
           "## Results", "", results_table(runs), ""]

@@ -8,12 +8,15 @@ Presets (``PRESETS``, ``--preset``; by default the task's own) give the networks
 method: ECG 4 -> 36 -> 6 with a per-step integrator readout; S-MNIST / PS-MNIST 80 (RBF
 population) -> 120 -> 100 -> 10 with a spiking readout and spike-count decoding, and
 ``--preset mnist_256_128``: 40 -> 256 -> 128 -> 10, ``--preset psmnist_64_256``: 4 binarised
-pixels (a sliding window) -> 64 -> 256 -> 10; SHD 700 -> 128 -> 128 -> 20 with the mean
+pixels (a sliding window) -> 64 -> 256 -> 10, ``--preset psmnist_64_256_256``: the method's
+whole PS-MNIST setup, the same with a dense spiking layer of 256 before the readout, zero
+recurrent weights at the start and Adamax with a linear decay; SHD 700 -> 128 -> 128 -> 20 with the mean
 of the readout integrator. Every value can be overridden by a flag (e.g. ``--readout
 membrane``: the method's ECG readout, an adaptive spiking output layer whose membrane is the
-logit). Adam with two parameter groups (time constants tau_* at ``--lr-tau``, everything else
-at ``--lr``; after each step every tau is projected to >= dt), a per-epoch decay (StepLR, or
-MultiStepLR with ``--lr-milestones``).
+logit). Adam (or ``--optimizer adamax``) with two parameter groups (time constants tau_* at
+``--lr-tau``, everything else at ``--lr``; after each step every tau is projected to >= dt), a
+per-epoch decay (StepLR, MultiStepLR with ``--lr-milestones``, or a linear decay to 0 with
+``--lr-linear N``).
 
 The best epoch (best.pt, ``best_test_acc`` = its test accuracy) is chosen on a validation
 set when the run has one (``--val-fraction``: ECG records, or MNIST images, held out of the
@@ -37,7 +40,7 @@ where beats are unusual or skipped, is not in it).
 A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
 config.json. Each epoch records its wall time (``time_s``, training + evaluation) and the
-process's CPU time (``cpu_time_s``; on a shared machine the steadier figure). The firing rate Fr (spikes per neuron per step over the test set, per recurrent
+process's CPU time (``cpu_time_s``; on a shared machine the steadier figure). The firing rate Fr (spikes per neuron per step over the test set, per hidden
 layer and overall) is reported for spiking hidden layers (adaptive, lif); it is null for the
 non-spiking relu SRNN and the baselines.
 
@@ -71,12 +74,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.mnist import ENCODINGS as MNIST_ENCODINGS, rbf_density_gain
-from .modules import INIT_STATES, TRAIN_TAU
+from .modules import INIT_STATES, REC_INITS, TRAIN_TAU
 
 SPIKING = ("adaptive", "lif")
 SRNN_MODELS = ("adaptive", "lif", "relu")
 BASELINES = ("lstm", "gru", "rnn", "bilstm")
 TASKS = ("ecg", "smnist", "psmnist", "shd")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 
 # S-MNIST / PS-MNIST follow the method's S-MNIST script: RBF population input as Gaussian
 # densities (gain ~31 for 80 fields), b0 0.1, adaptation time constants N(700, 25), an adaptive
@@ -89,8 +93,8 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 _MNIST = dict(tasks=("smnist", "psmnist"), hidden_sizes=[120, 100], readout="spiking", decode="count",
               batch_size=200, epochs=200, lr=1e-2, lr_tau=2e-2, lr_step=25, lr_milestones=[25, 50, 100, 150],
               lr_gamma=0.5, tau_m_init=[20.0, 5.0], tau_adp_init=[700.0, 25.0], tau_out_init=[20.0, 5.0], b0=0.1,
-              grad_clip=1.0, init_state="uniform_always", tbptt=None,
-              data={"encoding": "rbf", "population": 80, "gain": rbf_density_gain(80)})
+              grad_clip=1.0, init_state="uniform_always", tbptt=None, dense_sizes=[], rec_init="orthogonal",
+              optimizer="adam", lr_linear=None, data={"encoding": "rbf", "population": 80, "gain": rbf_density_gain(80)})
 # ECG follows the method's own training script (Adam lr 1e-2, time constants at 3x, StepLR
 # halving every 100 epochs, 400 epochs, batch 64); SHD uses lr 1e-2 with time constants at 2x
 # and a published-style step decay.
@@ -98,26 +102,36 @@ PRESETS = {
     "ecg": dict(tasks=("ecg",), hidden_sizes=[36], readout="integrator", decode="per_step", batch_size=64,
                 epochs=400, lr=1e-2, lr_tau=3e-2, lr_step=100, lr_milestones=None, lr_gamma=0.5,
                 tau_m_init=[20.0, 5.0], tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], b0=0.01,
-                grad_clip=None, init_state="uniform", tbptt=None, data={}),
+                grad_clip=None, init_state="uniform", tbptt=None, dense_sizes=[], rec_init="orthogonal",
+                optimizer="adam", lr_linear=None, data={}),
     "smnist": _MNIST,
     "psmnist": _MNIST,
     "shd": dict(tasks=("shd",), hidden_sizes=[128, 128], readout="integrator", decode="mean", batch_size=64,
                 epochs=150, lr=1e-2, lr_tau=2e-2, lr_step=20, lr_milestones=None, lr_gamma=0.5,
                 tau_m_init=[20.0, 5.0], tau_adp_init=[150.0, 10.0], tau_out_init=[20.0, 5.0], b0=0.01,
-                grad_clip=None, init_state="uniform", tbptt=None, data={"frame_ms": 10}),
+                grad_clip=None, init_state="uniform", tbptt=None, dense_sizes=[], rec_init="orthogonal",
+                optimizer="adam", lr_linear=None, data={"frame_ms": 10}),
     "mnist_256_128": dict(_MNIST, hidden_sizes=[256, 128],
                           data={"encoding": "rbf", "population": 40, "gain": rbf_density_gain(40)}),
     # The input, neurons and truncated BPTT of the method's later PS-MNIST script (binarised pixels,
     # a window of 4 moved by one pixel; b0 0.01, adaptation N(200, 25); recurrent 64 -> 256; a step
     # every 100 time steps: over all 784 the BPTT gradient grows to ~1e21 within 3 epochs,
-    # results/TASKS.md); trained as above otherwise. Not taken from it: its dense adaptive layer of
-    # 256 after the recurrent ones, zero-initialised recurrent weights, Adamax with linear decay.
+    # results/TASKS.md); trained as above otherwise.
     "psmnist_64_256": dict(_MNIST, hidden_sizes=[64, 256], tau_adp_init=[200.0, 25.0], b0=0.01, tbptt=100,
                            data={"encoding": "sliding", "window": 4}),
+    # The rest of that script too: a dense adaptive layer of 256 after the recurrent ones, recurrent
+    # weights zero at the start, initial membranes U(0, b0) in training and evaluation, Adamax at
+    # 8e-3 decaying linearly to 0 over 200 epochs, batch 300, no clipping. Its time constants learn
+    # at 2x (tau_m) and 3x (tau_adp) the rate; here both at 2.5x.
+    "psmnist_64_256_256": dict(_MNIST, hidden_sizes=[64, 256], dense_sizes=[256], tau_adp_init=[200.0, 25.0],
+                               b0=0.01, tbptt=100, rec_init="zeros", init_state="uniform_b0", optimizer="adamax",
+                               lr=8e-3, lr_tau=2e-2, lr_linear=200, lr_milestones=None, batch_size=300,
+                               grad_clip=None, data={"encoding": "sliding", "window": 4}),
 }
 # What a preset sets (each also a CLI flag that overrides it); "data" holds its data options.
 PRESET_KEYS = ("hidden_sizes", "readout", "decode", "batch_size", "epochs", "lr", "lr_tau", "lr_step", "lr_milestones",
-               "lr_gamma", "tau_m_init", "tau_adp_init", "tau_out_init", "b0", "grad_clip", "init_state", "tbptt")
+               "lr_gamma", "tau_m_init", "tau_adp_init", "tau_out_init", "b0", "grad_clip", "init_state", "tbptt",
+               "dense_sizes", "rec_init", "optimizer", "lr_linear")
 # Data options a task accepts (passed to srnn_fast.data.build_datasets), with their CLI flags.
 DATA_OPTIONS = {"ecg": ("seq_len", "threshold", "test_fraction", "val_fraction", "npz", "stride", "cache_dir",
                         "context", "filter", "augment", "test_npz"),
@@ -151,7 +165,14 @@ def build_model(config: dict) -> nn.Module:
                         backend=config["backend"], tau_out_init=tuple(config["tau_out_init"]),
                         tau_m_init=tuple(config["tau_m_init"]), tau_adp_init=tuple(config["tau_adp_init"]),
                         b0=config["b0"], surrogate=config["surrogate"], init_state=config["init_state"],
-                        train_tau=config.get("train_tau", "all"), dtype=dtype)
+                        train_tau=config.get("train_tau", "all"), dense_sizes=config.get("dense_sizes") or [],
+                        rec_init=config.get("rec_init", "orthogonal"), dtype=dtype)
+
+
+def hidden_widths(config: dict) -> list:
+    """Widths of a run's hidden layers: the recurrent ones (hidden_sizes), then the dense ones."""
+    h = config["hidden_sizes"]
+    return ([h] if isinstance(h, int) else list(h)) + list(config.get("dense_sizes") or [])
 
 
 def _is_time_constant(name: str) -> bool:
@@ -169,9 +190,18 @@ def clamp_time_constants(model: nn.Module) -> None:
             p.clamp_(min=floor)
 
 
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """Adam or Adamax (``optimizer``) over param_groups at ``lr`` / ``lr_tau``."""
+    return OPTIMIZERS[cfg.get("optimizer", "adam")](param_groups(model, cfg["lr"], cfg["lr_tau"]))
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: dict):
-    """The per-epoch learning-rate decay: MultiStepLR at ``lr_milestones`` when a run has them
-    (the method's S-MNIST schedule), else StepLR every ``lr_step`` epochs; both by ``lr_gamma``."""
+    """The per-epoch learning-rate decay: a linear decay to 0 over ``lr_linear`` epochs when a run
+    has it (the method's PS-MNIST script: 1 - epoch / 200), MultiStepLR at ``lr_milestones`` (the
+    method's S-MNIST schedule), else StepLR every ``lr_step`` epochs; the last two by ``lr_gamma``."""
+    if cfg.get("lr_linear"):
+        n = cfg["lr_linear"]
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: max(0.0, 1.0 - epoch / n))
     if cfg.get("lr_milestones"):
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg["lr_milestones"], gamma=cfg["lr_gamma"])
     return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg["lr_step"], gamma=cfg["lr_gamma"])
@@ -271,15 +301,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder with qtdb/, mnist/, shd/ (default $SRNN_FAST_DATA)")
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int), help="global batch (split across DDP ranks)")
-    p.add_argument("--lr", type=_positive(float), help="Adam learning rate of weights and biases")
-    p.add_argument("--lr-tau", type=_positive(float), help="Adam learning rate of the time constants")
+    p.add_argument("--lr", type=_positive(float), help="learning rate of weights and biases")
+    p.add_argument("--lr-tau", type=_positive(float), help="learning rate of the time constants")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), help="presets: adam; psmnist_64_256_256: adamax")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="the network and training settings to start from (default: the task's own)")
     p.add_argument("--lr-step", type=_positive(int), help="StepLR: decay every this many epochs")
     p.add_argument("--lr-milestones", type=_milestones,
                    help="MultiStepLR instead of StepLR: decay at these epochs, e.g. 25,50,100,150")
     p.add_argument("--lr-gamma", type=_positive(float), help="decay factor of StepLR / MultiStepLR")
+    p.add_argument("--lr-linear", type=_positive(int), metavar="N",
+                   help="instead of StepLR / MultiStepLR: the learning rates fall linearly to 0 over N epochs")
     p.add_argument("--hidden-sizes", type=_sizes, help="recurrent layer widths, e.g. 120,100")
+    p.add_argument("--dense-sizes", type=_sizes,
+                   help="SRNN models: widths of feed-forward spiking layers after the recurrent ones, e.g. 256")
+    p.add_argument("--rec-init", choices=REC_INITS, help="SRNN models: initial recurrent weights (presets: "
+                   "orthogonal; psmnist_64_256_256: zeros)")
     p.add_argument("--readout", choices=("integrator", "spiking", "membrane"))
     p.add_argument("--decode", choices=("count", "last", "max", "mean", "per_step"))
     p.add_argument("--tau-m-init", type=_pair, help="MEAN,STD of the membrane time constants")
@@ -303,8 +340,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate", choices=("gaussian", "multi_gaussian"), default="gaussian")
     p.add_argument("--init-state", choices=INIT_STATES,
                    help="initial membranes: U(0,1) in training and 0 in evaluation (uniform), U(0,1) in both "
-                        "(uniform_always; evaluation draws them under a fixed seed), or 0 (zeros); presets: "
-                        "uniform, S-MNIST / PS-MNIST uniform_always")
+                        "(uniform_always; evaluation draws them under a fixed seed), U(0,b0) in both (uniform_b0) "
+                        "or 0 (zeros); presets: uniform, S-MNIST / PS-MNIST uniform_always, psmnist_64_256_256 "
+                        "uniform_b0")
     p.add_argument("--backend", default="auto", choices=("auto", "cuda", "triton", "cpp", "reference"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (DDP ranks use cuda:LOCAL_RANK)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -349,10 +387,13 @@ def config_from_args(args, parser) -> dict:
     preset = PRESETS[name]
     if args.task not in preset["tasks"]:
         parser.error(f"--preset {name} is for --task {' / '.join(preset['tasks'])}, not {args.task}")
-    if args.lr_step is not None and args.lr_milestones is not None:
-        parser.error("--lr-step and --lr-milestones are two schedules: give one")
+    if sum(v is not None for v in (args.lr_step, args.lr_milestones, args.lr_linear)) > 1:
+        parser.error("--lr-step, --lr-milestones and --lr-linear are three schedules: give one")
     if args.tbptt is not None and args.model in BASELINES:
         parser.error(f"--tbptt applies to the SRNN models ({', '.join(SRNN_MODELS)}), not {args.model}")
+    for flag, value in (("--dense-sizes", args.dense_sizes), ("--rec-init", args.rec_init)):
+        if value is not None and args.model in BASELINES:
+            parser.error(f"{flag} applies to the SRNN models ({', '.join(SRNN_MODELS)}), not {args.model}")
     if args.train_tau != "all" and args.model in BASELINES:
         parser.error(f"--train-tau applies to the SRNN models ({', '.join(SRNN_MODELS)}); {args.model} has no "
                      "time constants")
@@ -360,11 +401,13 @@ def config_from_args(args, parser) -> dict:
     for key in PRESET_KEYS:
         value = getattr(args, key)
         cfg[key] = preset[key] if value is None else value
-    if args.lr_step is not None:  # a StepLR asked for replaces the preset's milestones
+    if args.lr_step is not None or args.lr_milestones is not None:  # replaces the preset's schedule
+        cfg["lr_linear"] = None
+    if args.lr_step is not None or args.lr_linear is not None:
         cfg["lr_milestones"] = None
     if args.model in BASELINES:
         cfg["readout"] = "linear"
-        cfg["tbptt"] = None
+        cfg["tbptt"], cfg["dense_sizes"] = None, []
         if cfg["decode"] != "per_step":
             cfg["decode"] = "last"  # baselines classify from the final step
     if cfg["tbptt"] is not None and cfg["decode"] not in TBPTT_DECODERS:
@@ -557,7 +600,7 @@ def evaluate(model: nn.Module, dataset, cfg: dict, device, dtype, rank: int, wor
     """Test loss, accuracy and firing rates over the whole test set (each rank a shard, summed)."""
     model.eval()
     spiking = cfg["model"] in SPIKING
-    L = len(cfg["hidden_sizes"])
+    L = len(hidden_widths(cfg))
     context = cfg["data"].get("context") or 0
     # [loss_sum, count, correct, count and correct in fully labelled sequences,
     #  spikes per layer..., neuron-steps per layer...]
@@ -667,7 +710,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     cfg["world_size"] = world
     # Different random initial membranes per rank; the model itself is identical on every rank.
     torch.manual_seed(cfg["seed"] + rank)
-    opt = torch.optim.Adam(param_groups(model, cfg["lr"], cfg["lr_tau"]))
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     loader_gen = torch.Generator().manual_seed(cfg["seed"])
     metrics = {"epochs": [], "best_test_acc": None, "best_epoch": None, "wall_time_s": 0.0, "params": cfg["params"],

@@ -62,6 +62,15 @@ def test_network_estimate_from_config():
     assert a == OpCounts(mac=80 * 120, ac=120 * 120 * 0.5)
     assert b == OpCounts(ac=120 * 100 * 0.5 + 100 * 100 * 0.25)
     assert r == OpCounts(mac=2 * 10, ac=100 * 10 * 0.25 + 2 * 10 * 0.125)  # adaptive, feed-forward
+    # dense_sizes: feed-forward hidden layers after the recurrent ones, fed by spikes
+    ps = {"task": "psmnist", "model": "adaptive", "input_size": 4, "hidden_sizes": [64, 256], "dense_sizes": [32],
+          "num_classes": 10, "readout": "spiking", "decode": "count", "data": {"encoding": "sliding"}}
+    layers = network_layers(ps)
+    assert [(l.name, l.m, l.n, l.recurrent, l.input_spikes) for l in layers] == [
+        ("layer0", 4, 64, True, True), ("layer1", 64, 256, True, True), ("layer2", 256, 32, False, True),
+        ("readout", 32, 10, False, True)]
+    d = estimate_ops(layers, fr_layers=[0.5, 0.25, 0.125], fr_readout=0.0625)[2]
+    assert d == OpCounts(mac=2 * 32, ac=256 * 32 * 0.25 + 2 * 32 * 0.125)
 
 
 def test_formula_errors():
@@ -148,14 +157,13 @@ def brute_force(layers, readout, x):
 def test_measured_counts_match_brute_force(neuron, readout, analog):
     torch.manual_seed(0)
     T, B, I = 9, 3, 5
-    net = AdaptiveSRNN(I, [6, 4], 3, neuron=neuron, readout=readout, decode="mean", batch_first=True,
+    # layer 1 dense (feed-forward): no recurrent synapses to count
+    net = AdaptiveSRNN(I, [6], 3, dense_sizes=[4], neuron=neuron, readout=readout, decode="mean", batch_first=True,
                        backend="reference", init_state="zeros", dtype=torch.float64)
     with torch.no_grad():  # strong weights so that every layer fires
         for layer in net.layers:
             layer.input.weight.mul_(4.0)
             layer.tau_m.fill_(3.0)
-    del net.layers[1].w_rec  # layer 1 feed-forward: no recurrent synapses to count
-    net.layers[1].register_buffer("w_rec", torch.zeros(4, 4, dtype=torch.float64), persistent=False)
     x = torch.rand(B, T, I, dtype=torch.float64) if analog else (torch.rand(B, T, I) < 0.4).double()
     x[x < 0.3] = 0  # analog inputs have zeros too: they trigger nothing
     counts = measure_ops(net, [(x[:2], None), (x[2:], None)])  # two batches are summed

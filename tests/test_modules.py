@@ -144,3 +144,47 @@ def test_membrane_readout_matches_stepwise_reference(neuron):
     ref_grads = torch.autograd.grad((expected * weights).sum(), list(net.parameters()), allow_unused=True)
     for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_dense_layers_zero_recurrence_and_small_starts():
+    """dense_sizes: feed-forward spiking layers after the recurrent ones (in ``layers``, in the
+    spikes returned, in streaming); rec_init="zeros"; init_state="uniform_b0": U(0, b0) always."""
+    torch.manual_seed(0)
+    kw = dict(readout="spiking", decode="per_step", dense_sizes=[5, 7], rec_init="zeros", init_state="uniform_b0",
+              b0=0.05, dtype=torch.float64)
+    net = AdaptiveSRNN(I, [8, 6], C, **kw)
+    assert [(l.hidden_size, isinstance(l.w_rec, torch.nn.Parameter)) for l in net.layers] == [
+        (8, True), (6, True), (5, False), (7, False)]
+    assert net.layers[0].w_rec.count_nonzero() == 0 and net.output.input_size == 7
+    assert not any("layers.2.w_rec" in k for k in net.state_dict())  # a dense layer has no recurrent weights
+    for mode in (net.train, net.eval):
+        mode()
+        u = net.layers[2].initial_state(200).u
+        assert (u >= 0).all() and (u < 0.05).all() and u.std() > 0.01
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.input.weight.mul_(3.0)
+    x = torch.rand(80, B, I, dtype=torch.float64)
+    torch.manual_seed(5)
+    o, hidden = net(x, return_spikes=True)
+    assert [h.shape for h in hidden] == [(80, B, n) for n in (8, 6, 5, 7)]
+    assert all(h.sum() > 0 for h in hidden)  # every layer fires: the checks below compare something
+    torch.manual_seed(5)
+    o_a, state = net.stream(x[:64])
+    o_b, _ = net.stream(x[64:], state)
+    assert len(state.layers) == 4 and torch.equal(torch.cat([o_a, o_b]), o)
+    # the fused backend through the whole network, float64: the reference's spikes and gradients
+    ref = AdaptiveSRNN(I, [8, 6], C, backend="reference", **kw)
+    ref.load_state_dict(net.state_dict())
+    outs = []
+    for model in (net, ref):
+        torch.manual_seed(5)
+        o = model(x)
+        o.sum().backward()
+        outs.append((o, {k: p.grad for k, p in model.named_parameters()}))
+    assert torch.equal(outs[0][0], outs[1][0])
+    for k, g in outs[1][1].items():
+        torch.testing.assert_close(outs[0][1][k], g, rtol=1e-9, atol=1e-12, msg=k)
+    assert net.layers[0].w_rec.grad.count_nonzero() > 0  # zero recurrent weights still learn
+    with pytest.raises(ValueError, match="rec_init"):
+        SRNNLayer(2, 3, rec_init="identity")

@@ -133,7 +133,7 @@ def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0
     epochs = []
     for i, (t, f) in enumerate(zip(test, fr)):
         e = {"epoch": i + 1, "loss": 1.0, "train_acc": 0.5, "test_acc": t, "test_loss": 1.0, "test_acc_full": None,
-             "fr": f, "fr_layers": None if f is None else [f], "time_s": 1.0, "cpu_time_s": 1.0, "lr": 0.01,
+             "fr": f, "fr_layers": None if f is None else [f] * (len(hidden) + len(extra.get("dense_sizes") or ())), "time_s": 1.0, "cpu_time_s": 1.0, "lr": 0.01,
              "skipped_steps": 0}
         if val is not None:
             e.update(val_acc=val[i], val_loss=1.0)
@@ -305,3 +305,19 @@ def test_report_says_which_runs_are_evaluated_on_a_weight_average(runs, tmp_path
     text = (out / "REPORT.md").read_text()
     assert "ecg_adaptive (decay 0.5, from epoch 2; the epochs before on the trained weights)" in text
     assert (out / "figures" / "curve_ecg_adaptive.png").read_bytes().startswith(PNG)
+
+
+def test_dense_layers_group_apart_and_new_settings_default_for_old_runs(tmp_path):
+    """A network with dense layers is its own group (hidden 36-16d); a run that records the
+    settings added later at their defaults groups with older runs without being flagged."""
+    root = tmp_path / "runs"
+    fake_run(root, "old")
+    fake_run(root, "new", seed=1, dense_sizes=[], rec_init="orthogonal", optimizer="adam", lr_linear=None)
+    fake_run(root, "dense", dense_sizes=[16])
+    assert report.load_run(root / "dense", report.EnergyCosts()).network == "4-36-16d-6"
+    out = tmp_path / "results"
+    report.write_ablation([root], out)
+    text = (out / "ABLATION.md").read_text()
+    assert _group_row(text, "Adaptive SRNN", "all", "36")[4] == "2"
+    assert _group_row(text, "Adaptive SRNN", "all", "36-16d")[4] == "1"
+    assert "differ in more than seed" not in text

@@ -145,7 +145,51 @@ def test_lr_milestones_schedule():
     assert lrs[False] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("preset,input_size", [("mnist_256_128", 40), ("psmnist_64_256", 4)])
+def test_linear_decay_schedule_and_adamax():
+    """--lr-linear N: epoch k (from 0) at lr (1 - k / N), the method's LambdaLR, 0 from epoch N on;
+    it scales both parameter groups and takes precedence over the step schedules."""
+    net = nn.Linear(2, 2)
+    cfg = {"optimizer": "adamax", "lr": 8e-3, "lr_tau": 2e-2, "lr_linear": 4, "lr_milestones": [1], "lr_step": 1,
+           "lr_gamma": 0.5}
+    opt = T.make_optimizer(net, cfg)
+    assert type(opt) is torch.optim.Adamax
+    sched = T.make_scheduler(opt, cfg)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([8e-3, 6e-3, 4e-3, 2e-3, 0.0, 0.0], abs=1e-15)
+    assert type(T.make_optimizer(net, {"lr": 1e-2, "lr_tau": 2e-2})) is torch.optim.Adam  # configs before the key
+
+
+def test_psmnist_method_preset():
+    """psmnist_64_256_256: the method's PS-MNIST script (recurrent 64 -> 256, dense 256, zero
+    recurrent weights, U(0, b0) starts, Adamax 8e-3 with a linear decay over 200 epochs, batch 300,
+    truncated BPTT every 100 steps, no clipping); flags still override it."""
+    cfg = _config(["--task", "psmnist", "--preset", "psmnist_64_256_256"])
+    assert (cfg["hidden_sizes"], cfg["dense_sizes"], cfg["rec_init"], cfg["init_state"]) == (
+        [64, 256], [256], "zeros", "uniform_b0")
+    assert (cfg["optimizer"], cfg["lr"], cfg["lr_linear"], cfg["lr_milestones"], cfg["batch_size"]) == (
+        "adamax", 8e-3, 200, None, 300)
+    assert (cfg["tbptt"], cfg["grad_clip"], cfg["b0"], cfg["tau_adp_init"]) == (100, None, 0.01, [200.0, 25.0])
+    assert cfg["data"] == {"encoding": "sliding", "window": 4}
+    other = _config(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--lr-milestones", "10",
+                     "--optimizer", "adam", "--dense-sizes", "32,16", "--rec-init", "orthogonal"])
+    assert (other["lr_linear"], other["lr_milestones"], other["optimizer"]) == (None, [10], "adam")
+    assert (other["dense_sizes"], other["rec_init"]) == ([32, 16], "orthogonal")
+    assert _config(["--task", "smnist", "--lr-linear", "30"])["lr_milestones"] is None
+    assert _config(["--task", "ecg", "--model", "lstm"])["dense_sizes"] == []
+    model = T.build_model(dict(cfg, input_size=4, num_classes=10))
+    assert [(l.hidden_size, isinstance(l.w_rec, nn.Parameter)) for l in model.layers] == [
+        (64, True), (256, True), (256, False)]
+    assert all(l.w_rec.count_nonzero() == 0 for l in model.layers) and model.output.input_size == 256
+    assert sum(p.numel() for p in model.parameters()) == (4 * 64 + 64 + 64 * 64 + 2 * 64 + 64 * 256 + 256 + 256 * 256
+                                                         + 2 * 256 + 256 * 256 + 256 + 2 * 256 + 256 * 10 + 10 + 2 * 10)
+
+
+@pytest.mark.parametrize("preset,input_size", [("mnist_256_128", 40), ("psmnist_64_256", 4),
+                                               ("psmnist_64_256_256", 4)])
 def test_mnist_preset_trains_on_tiny_data(data_dir, tmp_path, preset, input_size):
     """The larger MNIST presets end to end (a few images): a step changes every parameter group."""
     out = tmp_path / "run"
@@ -204,8 +248,13 @@ def _params(path):
     return torch.load(path, weights_only=False)["model"]
 
 
-def test_resume_is_bit_exact(data_dir, tmp_path):
-    args = ["--task", "ecg", "--batch-size", "8"] + TINY["ecg"]
+@pytest.mark.parametrize("args", [
+    ["--task", "ecg", "--batch-size", "8"] + TINY["ecg"],
+    # Adamax, the linear decay (LambdaLR), truncated BPTT, a dense layer and U(0, b0) starts
+    ["--task", "psmnist", "--preset", "psmnist_64_256_256", "--limit", "12", "--batch-size", "6",
+     "--hidden-sizes", "8,12", "--dense-sizes", "10", "--lr-linear", "3", "--tbptt", "300"]],
+    ids=["ecg", "psmnist_64_256_256"])
+def test_resume_is_bit_exact(data_dir, tmp_path, args):
     run(args + ["--epochs", "3"], data_dir, tmp_path / "full")
     run(args + ["--epochs", "2"], data_dir, tmp_path / "part")
     assert T.main(["--resume", str(tmp_path / "part"), "--epochs", "3", "--quiet"]) == 0
@@ -416,7 +465,13 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "smnist", "--val-fraction", "1.5"], "expected a number in (0, 1); got '1.5'"),
     (["--task", "ecg", "--lr-milestones", "50,25"], "expected increasing positive epochs"),
     (["--task", "ecg", "--grad-clip", "-1"], "expected a positive norm, or 0 / none"),
-    (["--task", "ecg", "--lr-step", "5", "--lr-milestones", "25"], "two schedules: give one"),
+    (["--task", "ecg", "--lr-step", "5", "--lr-milestones", "25"], "three schedules: give one"),
+    (["--task", "ecg", "--lr-linear", "50", "--lr-step", "5"], "three schedules: give one"),
+    (["--task", "ecg", "--lr-linear", "0"], "expected a positive int"),
+    (["--task", "ecg", "--optimizer", "sgd"], "invalid choice"),
+    (["--task", "ecg", "--dense-sizes", "16", "--model", "gru"], "--dense-sizes applies to the SRNN models"),
+    (["--task", "ecg", "--rec-init", "zeros", "--model", "lstm"], "--rec-init applies to the SRNN models"),
+    (["--task", "ecg", "--rec-init", "identity"], "invalid choice"),
     (["--task", "ecg", "--preset", "mnist_256_128"], "--preset mnist_256_128 is for --task smnist / psmnist"),
     (["--task", "ecg", "--train-tau", "m", "--model", "lstm"], "--train-tau applies to the SRNN models"),
     (["--task", "ecg", "--train-tau", "tau_m"], "invalid choice"),
