@@ -8,7 +8,7 @@ Takes the training CLI's flags (python -m srnn_fast.train: the preset, its overr
 options) plus ``--backends`` and ``--batches``. Each backend gets the same network (same seed)
 and the same batches of real data; the backends take turns batch by batch, so a change of load
 on a shared machine hits both alike. Timed per batch: a training step (forward, backward,
-clipping, Adam step, or the chunks of truncated BPTT: the trainer's own ``train_batch``), a
+clipping, optimizer step, or the chunks of truncated BPTT: the trainer's own ``train_batch``), a
 forward pass in eval mode (validation and test), and loading + encoding the batch. After one
 untimed warm-up batch per backend the medians are extrapolated to an epoch as the trainer
 runs it:

@@ -105,8 +105,9 @@ class SRNNLayer(nn.Module):
 
     Parameters: ``input.weight`` [H, I] (Xavier-uniform), ``input.bias`` [H] (zeros),
     ``w_rec`` [H, H] (orthogonal, or zeros with ``rec_init="zeros"``; absent when
-    ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5), ``tau_adp`` [H] ~ N(150, 10). ``forward(x, state=None) -> (s, SRNNState)`` with x of
-    shape [T, B, I] ([B, T, I] if batch_first, [T, I] unbatched) and s shaped alike.
+    ``recurrent=False``), ``tau_m`` [H] ~ N(20, 5), ``tau_adp`` [H] ~ N(150, 10).
+    ``forward(x, state=None) -> (s, SRNNState)`` with x of shape [T, B, I] ([B, T, I] if batch_first,
+    [T, I] unbatched) and s shaped alike.
     Without a state it starts from u ~ U(0, 1) in training (``init_state="uniform"``), in
     training and evaluation (``"uniform_always"``; drawn from torch's global RNG, so seed it
     for a repeatable evaluation), from u ~ U(0, b0) in both (``"uniform_b0"``), else from

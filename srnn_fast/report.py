@@ -683,8 +683,8 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     md = [f"# {title}", "",
           f"{len(runs)} run folder(s). Accuracy: the test accuracy of the best epoch, chosen on the "
           "validation records where a run has them (metrics.json `selected_on`), else the highest over the epochs "
-          "(for ECG: per labelled time step); Fr: spikes per neuron per time step over all hidden layers (recurrent and dense) on the test set, at the best "
-          "epoch. Parameters: trainable parameters, including time constants.", "",
+          "(for ECG: per labelled time step); Fr: spikes per neuron per time step over all hidden layers "
+          "(recurrent and dense) on the test set, at the best epoch. Parameters: trainable parameters, including time constants.", "",
           *([f"Generated with `{command}`.", ""] if command else []),
           "## Results", "", results_table(runs), ""]
     incomplete = [f"{r.name} ({'; '.join(r.notes)})" for r in runs if r.notes]

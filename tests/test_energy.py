@@ -158,8 +158,8 @@ def test_measured_counts_match_brute_force(neuron, readout, analog):
     torch.manual_seed(0)
     T, B, I = 9, 3, 5
     # layer 1 dense (feed-forward): no recurrent synapses to count
-    net = AdaptiveSRNN(I, [6], 3, dense_sizes=[4], neuron=neuron, readout=readout, decode="mean", batch_first=True,
-                       backend="reference", init_state="zeros", dtype=torch.float64)
+    net = AdaptiveSRNN(I, [6], 3, dense_sizes=[4], neuron=neuron, readout=readout, decode="mean",
+                       batch_first=True, backend="reference", init_state="zeros", dtype=torch.float64)
     with torch.no_grad():  # strong weights so that every layer fires
         for layer in net.layers:
             layer.input.weight.mul_(4.0)

@@ -133,7 +133,8 @@ def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0
     epochs = []
     for i, (t, f) in enumerate(zip(test, fr)):
         e = {"epoch": i + 1, "loss": 1.0, "train_acc": 0.5, "test_acc": t, "test_loss": 1.0, "test_acc_full": None,
-             "fr": f, "fr_layers": None if f is None else [f] * (len(hidden) + len(extra.get("dense_sizes") or ())), "time_s": 1.0, "cpu_time_s": 1.0, "lr": 0.01,
+             "fr": f, "fr_layers": None if f is None else [f] * (len(hidden) + len(extra.get("dense_sizes") or ())),
+             "time_s": 1.0, "cpu_time_s": 1.0, "lr": 0.01,
              "skipped_steps": 0}
         if val is not None:
             e.update(val_acc=val[i], val_loss=1.0)

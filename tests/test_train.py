@@ -165,7 +165,8 @@ def test_linear_decay_schedule_and_adamax():
 
 def test_psmnist_method_preset():
     """psmnist_64_256_256: the method's PS-MNIST script (recurrent 64 -> 256, dense 256, zero
-    recurrent weights, U(0, b0) starts, Adamax 8e-3 with a linear decay over 200 epochs, batch 300,
+    recurrent weights, U(0, b0) starts, the multi-Gaussian surrogate, Adamax 8e-3 with a linear decay
+    over 200 epochs, batch 300,
     truncated BPTT every 100 steps, no clipping); flags still override it."""
     cfg = _config(["--task", "psmnist", "--preset", "psmnist_64_256_256"])
     assert (cfg["hidden_sizes"], cfg["dense_sizes"], cfg["rec_init"], cfg["init_state"]) == (
@@ -173,10 +174,13 @@ def test_psmnist_method_preset():
     assert (cfg["optimizer"], cfg["lr"], cfg["lr_linear"], cfg["lr_milestones"], cfg["batch_size"]) == (
         "adamax", 8e-3, 200, None, 300)
     assert (cfg["tbptt"], cfg["grad_clip"], cfg["b0"], cfg["tau_adp_init"]) == (100, None, 0.01, [200.0, 25.0])
+    assert cfg["surrogate"] == "multi_gaussian" and _config(["--task", "psmnist"])["surrogate"] == "gaussian"
     assert cfg["data"] == {"encoding": "sliding", "window": 4}
     other = _config(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--lr-milestones", "10",
-                     "--optimizer", "adam", "--dense-sizes", "32,16", "--rec-init", "orthogonal"])
+                     "--optimizer", "adam", "--dense-sizes", "32,16", "--rec-init", "orthogonal",
+                     "--surrogate", "gaussian"])
     assert (other["lr_linear"], other["lr_milestones"], other["optimizer"]) == (None, [10], "adam")
+    assert other["surrogate"] == "gaussian"
     assert (other["dense_sizes"], other["rec_init"]) == ([32, 16], "orthogonal")
     assert _config(["--task", "smnist", "--lr-linear", "30"])["lr_milestones"] is None
     assert _config(["--task", "ecg", "--model", "lstm"])["dense_sizes"] == []
