@@ -124,6 +124,7 @@ def main(argv=None) -> int:
               # the CPU path that ran (srnn_fast.cpu_capability: from the per-instruction-set builds on)
               "capability": srnn_fast.cpu_capability() if hasattr(srnn_fast, "cpu_capability") else None,
               "task": cfg["task"], "preset": cfg["preset"], "hidden_sizes": cfg["hidden_sizes"],
+              "dense_sizes": cfg.get("dense_sizes") or [],
               "batch_size": B, "n_train": n_train, "n_eval": n_eval, "batches": args.batches,
               "train_batches_per_epoch": math.ceil(n_train / B), "eval_batches_per_epoch": math.ceil(n_eval / B),
               "load_s": {k: median(load, j) for j, k in enumerate(("wall", "cpu"))}, "backends": {}}
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                         "epoch_s": n_train / B * (ld + step) + n_eval / B * (ld + fwd)}
         result["backends"][backend] = r
     print(f"{result['cpu']}, {result['threads']} thread(s), {cfg['task']} preset {cfg['preset']} "
-          f"{cfg['hidden_sizes']}, batch {B}, {n_train} training + {n_eval} validation/test sequences, "
+          f"{T.hidden_widths(cfg)}, batch {B}, {n_train} training + {n_eval} validation/test sequences, "
           f"medians of {args.batches} batches (load + encode {result['load_s']['wall']:.3f} s wall per batch)")
     print(f"{'backend':<10} {'train step s':>13} {'eval batch s':>13} {'epoch wall':>11} {'epoch cpu':>10}")
     for backend, r in result["backends"].items():
