@@ -93,8 +93,9 @@ def _time_constant(module: nn.Module, name: str, value: torch.Tensor, trainable:
 
 class NetworkState(NamedTuple):
     """An AdaptiveSRNN's state between two ``stream`` calls: ``layers``, one SRNNState per
-    hidden layer (recurrent, then dense); ``readout``: the integrator's o [B, C], the spiking readout's SRNNState,
-    or for the membrane readout (its scan's SRNNState, its membrane trace's SRNNState)."""
+    hidden layer (recurrent, then dense); ``readout``: the integrator's o [B, C], the spiking
+    readout's SRNNState, or for the membrane readout (its scan's SRNNState, its membrane
+    trace's SRNNState)."""
 
     layers: tuple
     readout: object
@@ -236,9 +237,10 @@ class AdaptiveSRNN(nn.Module):
         sizes = [input_size] + hidden_sizes + dense_sizes
         ff_kwargs = {k: v for k, v in layer_kwargs.items() if k != "recurrent"}  # dense and readout layers
         self.layers = nn.ModuleList(
-            SRNNLayer(i, h, neuron=neuron, backend=backend, **(layer_kwargs if n < len(hidden_sizes) else
-                                                                 dict(ff_kwargs, recurrent=False)), **factory)
-            for n, (i, h) in enumerate(zip(sizes[:-1], sizes[1:])))
+            [SRNNLayer(i, h, neuron=neuron, backend=backend, **layer_kwargs, **factory)
+             for i, h in zip(sizes, hidden_sizes)] +
+            [SRNNLayer(i, h, neuron=neuron, backend=backend, recurrent=False, **ff_kwargs, **factory)
+             for i, h in zip(sizes[len(hidden_sizes):], dense_sizes)])
         self.dt = self.layers[0].config.dt
         if readout == "integrator":
             self.output = nn.Linear(sizes[-1], output_size, **factory)

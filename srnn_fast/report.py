@@ -544,7 +544,7 @@ def _all_trained(groups: dict) -> dict:
     return {k: v for k, v in groups.items() if k[1] in SRNN_MODELS and k[2] == "all"}
 
 
-def _tasks_varying(sel: dict, field: int) -> list:
+def _tasks_varying(sel: dict, field) -> list:
     """The tasks (in order) whose groups in ``sel`` take two or more values of key[field] (an
     index or a slice)."""
     return [t for t in dict.fromkeys(k[0] for k in sel) if len({k[field] for k in sel if k[0] == t}) > 1]

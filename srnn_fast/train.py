@@ -10,8 +10,8 @@ population) -> 120 -> 100 -> 10 with a spiking readout and spike-count decoding,
 ``--preset mnist_256_128``: 40 -> 256 -> 128 -> 10, ``--preset psmnist_64_256``: 4 binarised
 pixels (a sliding window) -> 64 -> 256 -> 10, ``--preset psmnist_64_256_256``: the method's
 whole PS-MNIST setup, the same with a dense spiking layer of 256 before the readout, zero
-recurrent weights at the start and Adamax with a linear decay; SHD 700 -> 128 -> 128 -> 20 with the mean
-of the readout integrator. Every value can be overridden by a flag (e.g. ``--readout
+recurrent weights at the start and Adamax with a linear decay; SHD 700 -> 128 -> 128 -> 20
+with the mean of the readout integrator. Every value can be overridden by a flag (e.g. ``--readout
 membrane``: the method's ECG readout, an adaptive spiking output layer whose membrane is the
 logit). Adam (or ``--optimizer adamax``) with two parameter groups (time constants tau_* at
 ``--lr-tau``, everything else at ``--lr``; after each step every tau is projected to >= dt), a
@@ -41,8 +41,9 @@ A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (
 written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
 config.json. Each epoch records its wall time (``time_s``, training + evaluation) and the
 process's CPU time (``cpu_time_s``; on a shared machine the steadier figure). The firing rate
-Fr (spikes per neuron per step over the test set, per hidden layer and overall) is reported for spiking hidden layers (adaptive, lif); it is null for the
-non-spiking relu SRNN and the baselines.
+Fr (spikes per neuron per step over the test set, per hidden layer and overall) is reported
+for spiking hidden layers (adaptive, lif); it is null for the non-spiking relu SRNN and the
+baselines.
 
 Multi-process: every global batch (``--batch-size`` samples) is split across the ranks
 (rank r takes rows r, r + W, ...), and each rank's loss is its share of the mean over the
@@ -403,9 +404,12 @@ def config_from_args(args, parser) -> dict:
     for key in PRESET_KEYS:
         value = getattr(args, key)
         cfg[key] = preset[key] if value is None else value
-    if args.lr_step is not None or args.lr_milestones is not None:  # replaces the preset's schedule
+    # a schedule asked for replaces the preset's
+    if args.lr_step is not None:
+        cfg["lr_milestones"], cfg["lr_linear"] = None, None
+    elif args.lr_milestones is not None:
         cfg["lr_linear"] = None
-    if args.lr_step is not None or args.lr_linear is not None:
+    elif args.lr_linear is not None:
         cfg["lr_milestones"] = None
     if args.model in BASELINES:
         cfg["readout"] = "linear"
