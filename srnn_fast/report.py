@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .energy import EnergyCosts, compare_table, estimate_energy, measure_ops
-from .train import SRNN_MODELS, evaluation_rng
+from .train import LATER_SETTINGS, SRNN_MODELS, evaluation_rng
 
 METHOD_NAMES = {"adaptive": "Adaptive SRNN", "lif": "LIF SRNN", "relu": "RELU SRNN", "lstm": "LSTM",
                 "gru": "GRU", "rnn": "Vanilla RNN", "bilstm": "Bi-LSTM"}
@@ -480,15 +480,13 @@ def group_runs(selected) -> dict:
 # experiments: what the spread is over (seeds, splits) and bookkeeping.
 _REPLICATE_KEYS = {"seed", "data_seed", "data_dir", "threads", "device", "data_info", "n_train", "n_val", "n_test",
                    "world_size", "backend", "out"}
-# Settings added after runs were trained: those runs' configs lack them and had these values.
-_CONFIG_DEFAULTS = {"dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam", "lr_linear": None}
 
 
 def varying_settings(selected) -> list:
     """The other config settings (data options as data.NAME) whose values differ between
     these runs: a group is meant to vary only in seed or split, so these are worth saying."""
     def flat(c):
-        items = dict(_CONFIG_DEFAULTS)  # runs from before a setting existed had its default
+        items = dict(LATER_SETTINGS)  # runs from before a setting existed had its value
         items.update({k: v for k, v in c.items() if k not in _REPLICATE_KEYS and k != "data"})
         items.update({f"data.{k}": v for k, v in (c.get("data") or {}).items()})
         return items

@@ -82,6 +82,9 @@ SRNN_MODELS = ("adaptive", "lif", "relu")
 BASELINES = ("lstm", "gru", "rnn", "bilstm")
 TASKS = ("ecg", "smnist", "psmnist", "shd")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
+# Settings added after runs were trained: the config.json of an older run lacks them, and it ran
+# with these values (build_model, make_optimizer and the report's comparisons fill them in).
+LATER_SETTINGS = {"dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam", "lr_linear": None}
 
 # S-MNIST / PS-MNIST follow the method's S-MNIST script: RBF population input as Gaussian
 # densities (gain ~31 for 80 fields), b0 0.1, adaptation time constants N(700, 25), an adaptive
@@ -162,13 +165,14 @@ def build_model(config: dict) -> nn.Module:
         raise ValueError(f"model must be one of {', '.join(SRNN_MODELS + BASELINES)}; got {model!r}")
     from .modules import AdaptiveSRNN
 
+    config = {**LATER_SETTINGS, **config}
     return AdaptiveSRNN(config["input_size"], config["hidden_sizes"], config["num_classes"], neuron=model,
                         readout=config["readout"], decode=config["decode"], batch_first=True,
                         backend=config["backend"], tau_out_init=tuple(config["tau_out_init"]),
                         tau_m_init=tuple(config["tau_m_init"]), tau_adp_init=tuple(config["tau_adp_init"]),
                         b0=config["b0"], surrogate=config["surrogate"], init_state=config["init_state"],
-                        train_tau=config.get("train_tau", "all"), dense_sizes=config.get("dense_sizes") or [],
-                        rec_init=config.get("rec_init", "orthogonal"), dtype=dtype)
+                        train_tau=config.get("train_tau", "all"), dense_sizes=config["dense_sizes"],
+                        rec_init=config["rec_init"], dtype=dtype)
 
 
 def hidden_widths(config: dict) -> list:
@@ -194,7 +198,8 @@ def clamp_time_constants(model: nn.Module) -> None:
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     """Adam or Adamax (``optimizer``) over param_groups at ``lr`` / ``lr_tau``."""
-    return OPTIMIZERS[cfg.get("optimizer", "adam")](param_groups(model, cfg["lr"], cfg["lr_tau"]))
+    name = cfg.get("optimizer", LATER_SETTINGS["optimizer"])
+    return OPTIMIZERS[name](param_groups(model, cfg["lr"], cfg["lr_tau"]))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: dict):
