@@ -258,6 +258,11 @@ def _sizes(text: str) -> list:
     return sizes
 
 
+def _dense_sizes(text: str) -> list:
+    """--dense-sizes: widths as _sizes, or "none" for no dense layers (to drop a preset's)."""
+    return [] if text.strip().lower() == "none" else _sizes(text)
+
+
 def _clip_norm(text: str) -> float:
     if text.lower() == "none":
         return 0.0
@@ -320,8 +325,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-linear", type=_positive(int), metavar="N",
                    help="instead of StepLR / MultiStepLR: the learning rates fall linearly to 0 over N epochs")
     p.add_argument("--hidden-sizes", type=_sizes, help="recurrent layer widths, e.g. 120,100")
-    p.add_argument("--dense-sizes", type=_sizes,
-                   help="SRNN models: widths of feed-forward spiking layers after the recurrent ones, e.g. 256")
+    p.add_argument("--dense-sizes", type=_dense_sizes,
+                   help="SRNN models: widths of feed-forward spiking layers after the recurrent ones, e.g. 256, "
+                        "or none (presets: none; psmnist_64_256_256: 256)")
     p.add_argument("--rec-init", choices=REC_INITS, help="SRNN models: initial recurrent weights (presets: "
                    "orthogonal; psmnist_64_256_256: zeros)")
     p.add_argument("--readout", choices=("integrator", "spiking", "membrane"))

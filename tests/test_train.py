@@ -182,6 +182,7 @@ def test_psmnist_method_preset():
     assert (other["lr_linear"], other["lr_milestones"], other["optimizer"]) == (None, [10], "adam")
     assert other["surrogate"] == "gaussian"
     assert (other["dense_sizes"], other["rec_init"]) == ([32, 16], "orthogonal")
+    assert _config(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--dense-sizes", "none"])["dense_sizes"] == []
     assert _config(["--task", "smnist", "--lr-linear", "30"])["lr_milestones"] is None
     assert _config(["--task", "ecg", "--model", "lstm"])["dense_sizes"] == []
     model = T.build_model(dict(cfg, input_size=4, num_classes=10))
@@ -474,6 +475,7 @@ def test_baselines_shapes_and_direction(kind):
     (["--task", "ecg", "--lr-linear", "0"], "expected a positive int"),
     (["--task", "ecg", "--optimizer", "sgd"], "invalid choice"),
     (["--task", "ecg", "--dense-sizes", "16", "--model", "gru"], "--dense-sizes applies to the SRNN models"),
+    (["--task", "ecg", "--dense-sizes", "0"], "layer widths must be positive"),
     (["--task", "ecg", "--rec-init", "zeros", "--model", "lstm"], "--rec-init applies to the SRNN models"),
     (["--task", "ecg", "--rec-init", "identity"], "invalid choice"),
     (["--task", "ecg", "--preset", "mnist_256_128"], "--preset mnist_256_128 is for --task smnist / psmnist"),
