@@ -182,7 +182,8 @@ def test_psmnist_method_preset():
     assert (other["lr_linear"], other["lr_milestones"], other["optimizer"]) == (None, [10], "adam")
     assert other["surrogate"] == "gaussian"
     assert (other["dense_sizes"], other["rec_init"]) == ([32, 16], "orthogonal")
-    assert _config(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--dense-sizes", "none"])["dense_sizes"] == []
+    no_dense = _config(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--dense-sizes", "none"])
+    assert no_dense["dense_sizes"] == []
     assert _config(["--task", "smnist", "--lr-linear", "30"])["lr_milestones"] is None
     assert _config(["--task", "ecg", "--model", "lstm"])["dense_sizes"] == []
     model = T.build_model(dict(cfg, input_size=4, num_classes=10))
