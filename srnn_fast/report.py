@@ -425,7 +425,7 @@ class Selected:
         train_tau is None for the baselines (no time constants); runs from before the option
         trained all."""
         c = self.run.config
-        tau = c.get("train_tau", "all") if self.run.model in SRNN_MODELS else None
+        tau = c.get("train_tau", LATER_SETTINGS["train_tau"]) if self.run.model in SRNN_MODELS else None
         return self.run.task, self.run.model, tau, tuple(_hidden(c)), tuple(c.get("dense_sizes") or ())
 
 

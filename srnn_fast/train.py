@@ -84,7 +84,8 @@ TASKS = ("ecg", "smnist", "psmnist", "shd")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 # Settings added after runs were trained: the config.json of an older run lacks them, and it ran
 # with these values (build_model, make_optimizer and the report's comparisons fill them in).
-LATER_SETTINGS = {"dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam", "lr_linear": None}
+LATER_SETTINGS = {"train_tau": "all", "dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam",
+                  "lr_linear": None}
 
 # S-MNIST / PS-MNIST follow the method's S-MNIST script: RBF population input as Gaussian
 # densities (gain ~31 for 80 fields), b0 0.1, adaptation time constants N(700, 25), an adaptive
@@ -171,7 +172,7 @@ def build_model(config: dict) -> nn.Module:
                         backend=config["backend"], tau_out_init=tuple(config["tau_out_init"]),
                         tau_m_init=tuple(config["tau_m_init"]), tau_adp_init=tuple(config["tau_adp_init"]),
                         b0=config["b0"], surrogate=config["surrogate"], init_state=config["init_state"],
-                        train_tau=config.get("train_tau", "all"), dense_sizes=config["dense_sizes"],
+                        train_tau=config["train_tau"], dense_sizes=config["dense_sizes"],
                         rec_init=config["rec_init"], dtype=dtype)
 
 

@@ -322,3 +322,16 @@ def test_dense_layers_group_apart_and_new_settings_default_for_old_runs(tmp_path
     assert _group_row(text, "Adaptive SRNN", "all", "36")[4] == "2"
     assert _group_row(text, "Adaptive SRNN", "all", "36-16d")[4] == "1"
     assert "differ in more than seed" not in text
+
+
+def test_runs_from_before_train_tau_group_with_newer_ones_unflagged(tmp_path):
+    """A run whose config predates --train-tau trained all time constants: it groups with a newer
+    run that records train_tau "all", and the pair is not flagged as differing."""
+    root = tmp_path / "runs"
+    fake_run(root, "pre_tau", train_tau=None)
+    fake_run(root, "new", seed=1)
+    out = tmp_path / "results"
+    report.write_ablation([root], out)
+    text = (out / "ABLATION.md").read_text()
+    assert _group_row(text, "Adaptive SRNN", "all", "36")[4] == "2"
+    assert "differ in more than seed" not in text
