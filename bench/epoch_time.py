@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cpp,reference", help="comma-separated backends to compare")
     parser.add_argument("--batches", type=T._positive(int), default=30, help="timed batches per backend")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
+    parser.add_argument("--weights", metavar="RUN",
+                        help="start every backend from this run's trained weights (its last.pt, or a checkpoint "
+                             "file) instead of a fresh network: a trained network's backward meets subnormal "
+                             "numbers a fresh one does not (give the run's preset and size flags)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="leave glibc malloc as it is (the trainer keeps freed memory: train.keep_freed_memory)")
     args = parser.parse_args(argv)
@@ -80,10 +84,14 @@ def main(argv=None) -> int:
     if n_train < B:
         parser.error(f"the training set ({n_train}) is smaller than one batch ({B})")
     dtype = getattr(torch, cfg["dtype"])
+    trained = torch.load(T._find_checkpoint(args.weights), map_location="cpu",
+                         weights_only=False)["model"] if args.weights else None
     nets, opts = {}, {}
     for backend in backends:
         torch.manual_seed(cfg["seed"])
         nets[backend] = T.build_model(dict(cfg, backend=backend))
+        if args.weights:
+            nets[backend].load_state_dict(trained)
         opts[backend] = T.make_optimizer(nets[backend], cfg)
     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
     loader = torch.utils.data.DataLoader(train_ds, batch_size=B, sampler=order)
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
               "capability": srnn_fast.cpu_capability() if hasattr(srnn_fast, "cpu_capability") else None,
               "task": cfg["task"], "preset": cfg["preset"], "hidden_sizes": cfg["hidden_sizes"],
               "dense_sizes": cfg.get("dense_sizes") or [],
-              "batch_size": B, "n_train": n_train, "n_eval": n_eval, "batches": args.batches,
+              "batch_size": B, "n_train": n_train, "n_eval": n_eval, "batches": args.batches, "weights": args.weights,
               "train_batches_per_epoch": math.ceil(n_train / B), "eval_batches_per_epoch": math.ceil(n_eval / B),
               "load_s": {k: median(load, j) for j, k in enumerate(("wall", "cpu"))}, "backends": {}}
     for backend in backends:

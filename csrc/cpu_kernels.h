@@ -629,5 +629,47 @@ SRNN_INLINE void add_wT_dI(const T* w, const T* const* dI, int64_t nr, int64_t H
     with_chunks<NC>((H - j0 + L - 1) / L, [&](auto nc) { add_wT_dI_chunks<ISA, T, nc()>(w, dI, H, Hp, j0, nr, ds); });
 }
 
+// The dense-input weight gradients dW_in = dI^T x and db = sum of the rows of dI (dI [N, H],
+// x [N, I], N = T B rows), as DenseInputGrad (layer_cpu.cpp) runs them: every (h, i) sums its
+// rows in order, in T within chunks of kGradChunkRows rows and the chunk sums in float64, so
+// the result depends on neither the thread count nor the tiling (a BLAS GEMM over N rows does:
+// MKL splits that reduction across threads on Intel CPUs). A tile is kGradInputs inputs x
+// kGradCols columns h; the bias is input I with x = 1.
+constexpr int64_t kGradChunkRows = 128;
+constexpr int kGradInputs = 4;
+constexpr int64_t kGradCols = 64;
+
+// acc [(I + 1), H] (float64) += the sums over rows r < n of xs[k][r] * d[r, 0 .. NC L) for the
+// tile's inputs k < ni (xs[k][r] = x_col[k][r * x_step[k]]; unused k repeat the last input);
+// d [n, ld], its NC L columns readable, the first `cols` of them real (added to acc).
+template <Isa ISA, typename T, int NC>
+SRNN_INLINE void dense_dw_tile(const T* __restrict d, int64_t ld, int64_t n, const T* const* x_col,
+                               const int64_t* x_step, int ni, int64_t cols, double* __restrict acc, int64_t H) {
+  using S = Simd<ISA, T>;
+  constexpr int64_t L = S::L;
+  typename S::V sum[kGradInputs][NC] = {};
+  const T* xk[kGradInputs];
+  for (int k = 0; k < kGradInputs; ++k) xk[k] = x_col[k];
+  for (int64_t r = 0; r < n; ++r) {
+    const T* __restrict dr = d + r * ld;
+    typename S::V dv[NC];
+    for (int c = 0; c < NC; ++c) dv[c] = S::load(dr + c * L);
+    static_for<kGradInputs>([&](auto k) {
+      const typename S::V xv = splat<ISA>(*xk[k()]);
+      xk[k()] += x_step[k()];
+      for (int c = 0; c < NC; ++c) sum[k()][c] = madd<ISA>(xv, dv[c], sum[k()][c]);
+    });
+  }
+  static_for<kGradInputs>([&](auto k) {
+    if (k() >= ni) return;
+    static_for<NC>([&](auto c) {
+      T lanes[L];
+      S::store(lanes, sum[k()][c()]);
+      double* __restrict out = acc + k() * H + c() * L;
+      for (int64_t l = 0; l < L && c() * L + l < cols; ++l) out[l] += double(lanes[l]);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace srnn

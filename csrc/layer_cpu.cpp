@@ -138,7 +138,7 @@ SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o,
 
 // The kernel of cpu_isa.h's run_kernel: built once per instruction set.
 template <typename T, bool BINARY>
-struct LayerForward {
+struct LayerForward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n, int64_t b,
                   int64_t e) {
@@ -158,7 +158,7 @@ struct LayerGrads {
   const T* eta_ckpt;    // [C, B, H]
   const int32_t* bits;  // [T, B, W] (binary) or null
   const T* s_seq;       // [T, B, H] (relu) or null
-  T* dI;                // [T, B, H] dL/dI_t for the GEMMs after the kernel (dense inputs, or dL/dx
+  T* dI;                // [T, B, H] dL/dI_t for the sums after the kernel (dense inputs, or dL/dx
                         // needed), or null
   T* grad_u0;           // [B, H]
   T* grad_eta0;         // [B, H]
@@ -190,7 +190,7 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
   for (int64_t k = 0; k < R * K; ++k) act_seg[k] = Active{xidx_seg.data() + k * I, sidx_seg.data() + k * H, 0, 0};
   const T* dI_rows[kRowBlock];  // rows past nr stay zero
   for (int64_t r = 0; r < R; ++r) dI_rows[r] = dI.data() + r * Hp;
-  const bool sparse_in = a.xp == nullptr;  // else dW_in and db are GEMMs over g.dI afterwards
+  const bool sparse_in = a.xp == nullptr;  // else dW_in and db are summed over g.dI afterwards
   T* win_g = sparse_in ? g.win_part + blk * I * Hp : nullptr;
   T* bias_g = sparse_in ? g.bias_part + blk * Hp : nullptr;
   T* wrec_g = g.wrec_part + blk * H * Hp;
@@ -284,7 +284,7 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
 }
 
 template <typename T, bool BINARY>
-struct LayerBackward {
+struct LayerBackward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n,
                   int64_t blk_begin, int64_t blk_end) {
@@ -336,8 +336,9 @@ at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t H, const a
 // The fraction of nonzero inputs above which the projection b + W_in x_t runs as one GEMM
 // over all steps (torch's BLAS) instead of inside the kernel over the nonzero inputs only.
 // Measured on the bench shapes (bench/RESULTS.md): the kernel's sparse sum costs about
-// (nonzeros x H) per step, three times (forward, recomputation, dW_in); the GEMMs cost I x H
-// per step three times too (x_proj forward and backward, dW_in), at higher throughput.
+// (nonzeros x H) per step, three times (forward, recomputation, dW_in); the dense path costs
+// I x H per step three times too (the x_proj GEMM, forward and recomputed, and the dW_in sum of
+// dense_input_grads), at higher throughput.
 constexpr double kDenseInput = 0.25;
 
 // Whether x counts as dense, from its first steps: a pure function of x, so forward and
@@ -447,6 +448,68 @@ void reduce_transposed(const T* part, int64_t nblocks, int64_t rows, int64_t Hp,
   });
 }
 
+// Tiles [tile_begin, tile_end) of the dense-input weight gradients (dense_dw_tile): tile t is
+// inputs kGradInputs (t % n_ib) .. and columns kGradCols (t / n_ib) ..; the row chunks run
+// outermost, so a chunk of dI and x stays in cache while the range's tiles read it.
+template <typename T>
+struct DenseInputGrad : CpuKernel<T> {
+  template <Isa ISA>
+  static void run(const T* dI, const T* x, int64_t N, int64_t H, int64_t I, bool with_bias, double* acc,
+                  int64_t tile_begin, int64_t tile_end) {
+    using S = Simd<ISA, T>;
+    constexpr int64_t L = S::L, W = IsaTraits<ISA>::kWtChunks * L;  // columns per register tile
+    static const T one = T(1);
+    const int64_t inputs = I + (with_bias ? 1 : 0), n_ib = (inputs + kGradInputs - 1) / kGradInputs;
+    std::vector<T> tail;  // the last columns' rows, zero-padded to whole vectors
+    for (int64_t r0 = 0; r0 < N; r0 += kGradChunkRows) {
+      const int64_t n = std::min(kGradChunkRows, N - r0);
+      for (int64_t t = tile_begin; t < tile_end; ++t) {
+        const int64_t i0 = (t % n_ib) * kGradInputs, h_end = std::min(H, (t / n_ib + 1) * kGradCols);
+        const int ni = int(std::min<int64_t>(kGradInputs, inputs - i0));
+        const T* x_col[kGradInputs];
+        int64_t x_step[kGradInputs];
+        for (int k = 0; k < kGradInputs; ++k) {
+          const int64_t i = i0 + std::min(k, ni - 1);
+          x_col[k] = i < I ? x + r0 * I + i : &one;
+          x_step[k] = i < I ? I : 0;
+        }
+        for (int64_t h0 = (t / n_ib) * kGradCols; h0 < h_end; h0 += W) {
+          const int64_t cols = std::min(W, h_end - h0), nv = (cols + L - 1) / L;
+          const T* d = dI + r0 * H + h0;
+          int64_t ld = H;
+          if (h0 + nv * L > H) {  // the last vector would read past the row: copy, zero-padded
+            tail.assign(size_t(n * nv * L), T(0));
+            for (int64_t r = 0; r < n; ++r) std::memcpy(&tail[size_t(r * nv * L)], d + r * H, size_t(cols) * sizeof(T));
+            d = tail.data(), ld = nv * L;
+          }
+          with_chunks<IsaTraits<ISA>::kWtChunks>(nv, [&](auto nc) {
+            dense_dw_tile<ISA, T, nc()>(d, ld, n, x_col, x_step, ni, cols, acc + i0 * H + h0, H);
+          });
+        }
+      }
+    }
+  }
+};
+
+// grad_w_in = dI^T x and grad_bias = the column sums of dI for dense inputs (dI2 [N, H], x2
+// [N, I]) by DenseInputGrad, in float64 and rounded once: the same for any thread count.
+void dense_input_grads(const at::Tensor& dI2, const at::Tensor& x2, at::Tensor& grad_w_in, at::Tensor* grad_bias,
+                       Isa isa) {
+  const int64_t N = dI2.size(0), H = dI2.size(1), I = x2.size(1), inputs = I + (grad_bias ? 1 : 0);
+  const int64_t tiles = (H + kGradCols - 1) / kGradCols * ((inputs + kGradInputs - 1) / kGradInputs);
+  at::Tensor acc = at::zeros({inputs, H}, grad_w_in.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(dI2.scalar_type(), "srnn_fast::dense_input_grads", [&] {
+    using T = scalar_t;
+    const T *d = dI2.data_ptr<T>(), *x = x2.data_ptr<T>();
+    double* a = acc.data_ptr<double>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      run_kernel<DenseInputGrad<T>>(isa, d, x, N, H, I, grad_bias != nullptr, a, begin, end);
+    });
+  });
+  grad_w_in.copy_(acc.narrow(0, 0, I).t());
+  if (grad_bias) grad_bias->copy_(acc.select(0, I));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Tensor& grad_eta_T, const at::Tensor& x,
               const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const at::Tensor& w_rec,
@@ -478,10 +541,10 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t());
   const at::Tensor bp = padded_bias(bias, H, opts), wT = padded_rows(w_rec.t()), w = padded_rows(w_rec);
   const int64_t Hp = wT.size(1), nblocks = (B + kRowBlock - 1) / kRowBlock;
-  // Dense inputs: x_proj by GEMM (as in forward), and dW_in, db from dI by GEMM afterwards.
+  // Dense inputs: x_proj by GEMM (as in forward), and dW_in, db from dI afterwards (dense_input_grads).
   const bool dense = dense_input(xc);
   const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
-  // dI [T, B, H] for the GEMMs after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in.
+  // dI [T, B, H] for the sums after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in (a GEMM).
   const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts) : at::Tensor();
   at::Tensor part = at::empty({need_grad_tau ? 2 : 0, B, H}, opts.dtype(at::kDouble));
   at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
@@ -521,10 +584,7 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
     }
   });
   const at::Tensor dI2 = dI.defined() ? dI.view({T_ * B, H}) : at::Tensor();
-  if (dense) {
-    at::mm_out(grad_w_in, dI2.t(), xc.view({T_ * B, I}));
-    if (has_bias) at::sum_out(grad_bias, dI2, {0});
-  }
+  if (dense) dense_input_grads(dI2, xc.view({T_ * B, I}), grad_w_in, has_bias ? &grad_bias : nullptr, active_isa());
   if (need_grad_x) {
     at::Tensor grad_x2 = grad_x.view({T_ * B, I});
     at::mm_out(grad_x2, dI2, w_in);

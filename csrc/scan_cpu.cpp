@@ -88,7 +88,7 @@ SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, cons
 
 // The kernel of cpu_isa.h's run_kernel: built once per instruction set.
 template <typename T, bool BINARY>
-struct ScanForward {
+struct ScanForward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const FwdArgs<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) {
     forward_rows<ISA, T, BINARY>(a, p, n, b, e);
@@ -243,7 +243,7 @@ SRNN_INLINE void backward_rows(const BwdArgs<T>& a, const Params<T>& params, con
 }
 
 template <typename T, bool BINARY>
-struct ScanBackward {
+struct ScanBackward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const BwdArgs<T>& a, const Params<T>& p, const Neurons<T>& n, int64_t b, int64_t e) {
     backward_rows<ISA, T, BINARY>(a, p, n, b, e);

@@ -697,6 +697,17 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
     if averaged:
         md += ["Runs evaluated (validation, test, Fr) on an exponential moving average of their weights (`--ema`; "
                "training loss and accuracy are those of the trained weights): " + ", ".join(averaged) + ".", ""]
+    decayed = [f"{r.name} ({r.config['weight_decay']:g}"
+               + (f", from epoch {r.config['weight_decay_from_epoch']}" if r.config.get("weight_decay_from_epoch") else "")
+               + ")" for r in runs if r.config.get("weight_decay")]
+    if decayed:
+        md += ["Runs trained with decoupled weight decay of their weight matrices (`--weight-decay`): "
+               + ", ".join(decayed) + ".", ""]
+    forked = [f"{r.name} from {Path(r.config['forked_from']['run']).name} at epoch {r.config['forked_from']['epoch']}"
+              for r in runs if r.config.get("forked_from")]
+    if forked:
+        md += ["Runs forked from another (`--resume RUN --out NEW`; they share its epochs up to the fork): "
+               + ", ".join(forked) + ".", ""]
     md += ["## Theoretical energy", "",
            f"Per sample over its T time steps (T = config `seq_len`), E_MAC = {costs.e_mac:g} pJ, "
            f"E_AC = {costs.e_ac:g} pJ (45 nm, 32-bit float, Horowitz 2014). Formulas in `srnn_fast/energy.py`: "

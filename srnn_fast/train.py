@@ -26,6 +26,11 @@ of the trained ones (``WeightEMA``); best.pt and last.pt then hold both (``ema``
 ``--resume RUN --ema DECAY`` switches it on for a run trained without it: the average starts
 from the resumed weights and ``config.json`` records ``ema_from_epoch``; the epochs before
 were evaluated on the raw weights, and the best epoch is still the best on validation.
+``--weight-decay W``: decoupled weight decay (AdamW's) of the weight matrices, w <- w (1 - lr W)
+before each step (``decay_weights``); ``--resume RUN --weight-decay W`` switches it on from the
+next epoch (``weight_decay_from_epoch``). ``--resume RUN --out NEW`` forks a run: NEW starts as a
+copy of RUN at the checkpoint's epoch (its metrics and best.pt) and continues with the flags
+given, RUN is left as it was (``forked_from`` in NEW's config).
 A step whose gradient norm is not finite (BPTT overflowing float32) is skipped and counted
 (``skipped_steps`` per epoch, also on the epoch's line); an epoch without one finite step
 stops the run with an error (``optimizer_step``). ``--tbptt K`` (truncated BPTT, one process):
@@ -64,6 +69,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,7 +91,7 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}
 # Settings added after runs were trained: the config.json of an older run lacks them, and it ran
 # with these values (build_model, make_optimizer and the report's comparisons fill them in).
 LATER_SETTINGS = {"train_tau": "all", "dense_sizes": [], "rec_init": "orthogonal", "optimizer": "adam",
-                  "lr_linear": None}
+                  "lr_linear": None, "weight_decay": 0.0}
 
 # S-MNIST / PS-MNIST follow the method's S-MNIST script: RBF population input as Gaussian
 # densities (gain ~31 for 80 fields), b0 0.1, adaptation time constants N(700, 25), an adaptive
@@ -348,6 +354,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=_fraction, metavar="DECAY",
                    help="evaluate and checkpoint an exponential moving average of the weights, updated after "
                         "every step with this decay in (0, 1) (e.g. 0.99); training itself is unchanged")
+    p.add_argument("--weight-decay", type=_positive(float), metavar="W",
+                   help="decoupled weight decay (AdamW's) of the weight matrices: w <- w * (1 - lr * W) before "
+                        "each step; biases, thresholds and time constants are not decayed (default: none)")
     p.add_argument("--grad-clip", type=_clip_norm,
                    help="clip the gradient's global norm to this before each step; 0 or none: no clipping "
                         "(presets: none, S-MNIST / PS-MNIST 1)")
@@ -441,7 +450,7 @@ def config_from_args(args, parser) -> dict:
                          f"(its data options: {', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS[args.task])})")
         data[key] = value
     cfg.update(data=data, neuron=args.model if args.model in SRNN_MODELS else None,
-               ema=args.ema, train_tau=args.train_tau,
+               ema=args.ema, weight_decay=args.weight_decay or 0.0, train_tau=args.train_tau,
                backend=args.backend,
                device=args.device, dtype=args.dtype, seed=args.seed, data_seed=args.data_seed,
                data_dir=args.data_dir, threads=args.threads)
@@ -507,9 +516,10 @@ def _save_csv(path: Path, epochs: list) -> None:
 # ---------------------------------------------------------------------------------------
 # Loss, accuracy, firing rate
 # ---------------------------------------------------------------------------------------
-def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None) -> bool:
-    """Clip the gradients to norm ``grad_clip`` (if given) and step; skip the step (False, no
-    update, gradients dropped) when the gradient norm is not finite. Why: BPTT over long
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None, weight_decay=0.0) -> bool:
+    """Clip the gradients to norm ``grad_clip`` (if given), decay the weights by ``weight_decay``
+    (``decay_weights``) and step; skip the step (False, no update, no decay, gradients dropped)
+    when the gradient norm is not finite. Why: BPTT over long
     sequences can overflow float32 (|grad| ~ 1e44 measured for an adaptive ECG layer late in
     training), and one NaN step would put NaN into every weight through Adam's moments.
     With DDP the gradients are already averaged, so every rank takes the same decision."""
@@ -519,8 +529,23 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip=None)
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         return False
+    if weight_decay:
+        decay_weights(opt, weight_decay)
     opt.step()
     return True
+
+
+@torch.no_grad()
+def decay_weights(opt: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Decoupled weight decay (Loshchilov & Hutter, AdamW's): w <- w * (1 - lr * weight_decay)
+    before the optimizer's step, at each parameter group's current lr, on the weight matrices
+    (input, recurrent, dense, readout: ndim >= 2) that have a gradient; biases, thresholds and
+    time constants (1-D) keep their values. Done here rather than by AdamW so that Adamax gets
+    the same decay and a run can switch it on at resume with its optimizer state unchanged."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.ndim >= 2:
+                p.mul_(1.0 - group["lr"] * weight_decay)
 
 
 TBPTT_DECODERS = ("count", "mean", "last", "max")  # decoded from a running sum / the last step / a running max
@@ -537,7 +562,7 @@ def _detached(state):
 
 
 def truncated_bptt_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, k: int,
-                         grad_clip, after_step) -> tuple:
+                         grad_clip, after_step, weight_decay=0.0) -> tuple:
     """One batch [B, T, F] of truncated BPTT (the method's PS-MNIST training): the sequence runs in
     chunks of ``k`` steps (``model.stream``); after each chunk an optimizer step on the cross
     entropy of the output decoded from step 0 to the chunk's end (for "count" the spike count
@@ -560,7 +585,7 @@ def truncated_bptt_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.
         opt.zero_grad(set_to_none=True)
         (loss_sum / max(count.item(), 1)).backward()
         steps += 1
-        if optimizer_step(model, opt, grad_clip):
+        if optimizer_step(model, opt, grad_clip, weight_decay):
             after_step()
         else:
             skipped += 1
@@ -575,14 +600,15 @@ def train_batch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     ``after_step()`` runs after every optimizer step taken. Returns (loss_sum, count, correct,
     optimizer steps tried, steps skipped for a non-finite gradient)."""
     if cfg.get("tbptt"):
-        return truncated_bptt_batch(model, opt, x, y, cfg["tbptt"], cfg.get("grad_clip"), after_step)
+        return truncated_bptt_batch(model, opt, x, y, cfg["tbptt"], cfg.get("grad_clip"), after_step,
+                                    cfg.get("weight_decay", 0.0))
     loss_sum, count, correct = loss_terms((net or model)(x), y)
     # Share of the mean over the global batch; DDP averages gradients over ranks.
     global_count = _all_sum(count.to(torch.float64).reshape(1)).item()
     loss = loss_sum * (world / max(global_count, 1.0))
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    taken = optimizer_step(model, opt, cfg.get("grad_clip"))
+    taken = optimizer_step(model, opt, cfg.get("grad_clip"), cfg.get("weight_decay", 0.0))
     if taken:
         after_step()
     return loss_sum, count, correct, 1, int(not taken)
@@ -869,6 +895,27 @@ def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") ->
     return out
 
 
+def fork_run(source: Path, out: Path, epoch: int) -> None:
+    """Start run folder ``out`` as a copy of run ``source`` at ``epoch`` (the resumed checkpoint's):
+    its metrics (cut to ``epoch`` when training resumes) and best.pt, so the fork's best epoch is
+    chosen over the shared history and its own epochs. ``source`` is not touched. A fork stopped
+    before its first checkpoint (no last.pt yet) is started again."""
+    if (out / "last.pt").exists():
+        raise ValueError(f"--out {out} already holds a run; continue it with --resume {out}")
+    if not (source / "metrics.json").exists():
+        raise ValueError(f"--resume {source}: no metrics.json beside the checkpoint, so there is no run to fork")
+    best = source / "best.pt"
+    if best.exists():
+        best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"]
+        if best_epoch > epoch:
+            raise ValueError(f"{best} is from epoch {best_epoch}, after the resumed checkpoint's epoch {epoch}: "
+                             f"fork from {source / 'last.pt'} or a later checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "metrics.csv", "best.pt"):
+        if (source / name).exists():
+            _atomic_write(out / name, lambda p, name=name: shutil.copyfile(source / name, p))
+
+
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse rather than give it back to the OS.
 
@@ -926,7 +973,18 @@ def _run(args, parser) -> int:
                              f"{cfg['ema']:g}; resume it without --ema")
             # Training is unchanged; from this epoch on the average is what is evaluated and checkpointed.
             cfg["ema"], cfg["ema_from_epoch"] = args.ema, resume["epoch"] + 1
+        if args.weight_decay is not None and args.weight_decay != cfg.get("weight_decay", 0.0):
+            if cfg.get("weight_decay"):
+                parser.error(f"--weight-decay {args.weight_decay:g}: the run already decays its weights by "
+                             f"{cfg['weight_decay']:g}; resume it without --weight-decay")
+            cfg["weight_decay"], cfg["weight_decay_from_epoch"] = args.weight_decay, resume["epoch"] + 1
         out = Path(args.out) if args.out else ckpt_path.parent
+        if out.resolve() != ckpt_path.parent.resolve():
+            try:
+                fork_run(ckpt_path.parent, out, resume["epoch"])
+            except ValueError as e:
+                parser.error(str(e))
+            cfg["forked_from"] = {"run": str(ckpt_path.parent), "epoch": resume["epoch"]}
     else:
         cfg = config_from_args(args, parser)
         out = Path(args.out or f"runs/{cfg['task']}_{cfg['model']}")

@@ -185,3 +185,33 @@ def check_compile_matches_eager(backend: str, device: str):
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-12, atol=0)
     for g_c, g_e in zip(compiled[1], eager[1]):
         torch.testing.assert_close(g_c, g_e, rtol=1e-10, atol=1e-14)
+
+
+SUBNORMAL32 = 1e-39  # below float32's smallest normal number, 1.18e-38
+
+
+def check_subnormals_flushed(run_fn, inputs, upstream):
+    """The float32 CPU kernels count subnormals as zero (FlushSubnormals, cpu_isa.h): with every
+    upstream gradient subnormal, every gradient is exactly zero (the reference's are not: its
+    sums of many subnormal terms reach normal numbers) and the forward is unchanged; float64
+    keeps subnormals. Neither the calling thread nor torch's worker threads are left flushing."""
+    scale = lambda d, f, dtype: {k: None if v is None else (v * f).to(dtype) for k, v in d.items()}  # noqa: E731
+    f32 = scale(inputs, 1.0, torch.float32)
+    tiny32 = scale(upstream, SUBNORMAL32, torch.float32)
+    assert all(0 < v.abs().max() < torch.finfo(torch.float32).tiny for v in tiny32.values())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = run_fn(f32, tiny32, "cpp")
+        ref = run_fn(f32, tiny32, "reference")
+        plain = run_fn(f32, scale(upstream, 1.0, torch.float32), "cpp")
+        big = torch.full((1 << 20,), SUBNORMAL32)  # torch's mul runs it on both threads
+        assert bool(((big * 1.0) != 0).all()) and (torch.tensor([SUBNORMAL32]) * 1.0).item() > 0
+    finally:
+        torch.set_num_threads(threads)
+    grads = [k for k in got if k.startswith("grad_")]
+    assert all(bool((got[k] == 0).all()) for k in grads), [k for k in grads if (got[k] != 0).any()]
+    assert any(bool((ref[k] != 0).any()) for k in grads)
+    assert all(torch.equal(got[k], plain[k]) for k in got if not k.startswith("grad_"))
+    f64 = run_fn(scale(inputs, 1.0, torch.float64), scale(upstream, 1e-310, torch.float64), "cpp")
+    assert any(bool((f64[k] != 0).any()) for k in grads)

@@ -8,8 +8,8 @@ write shows up as NaN, or as a spurious spike, and fails check_float64 / check_f
 import pytest
 import torch
 
-from scan_cases import (FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64, fused, make_case,
-                        reference, rel_err)
+from scan_cases import (FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64, check_subnormals_flushed,
+                        fused, make_case, reference, rel_err)
 
 NEURONS = ["adaptive", "lif", "relu"]
 SURROGATES = ["gaussian", "multi_gaussian"]
@@ -93,6 +93,12 @@ def test_low_precision_input():
     assert float((got["s"] != ref["s"]).float().mean()) <= FLOAT32_TOL["spike_mismatch_rate"]
     for k in ("u", "grad_w_rec", "grad_tau_m", "grad_u0"):
         assert rel_err(got[k], ref[k]) <= FLOAT32_TOL["grad_rel_err"], k
+
+
+def test_float32_kernels_flush_subnormals():
+    inputs, upstream = make_case(40, 4, 20, seed=12)
+    check_each_cpu_capability(lambda: check_subnormals_flushed(lambda i, u, backend: fused(i, u, backend), inputs,
+                                                               upstream), lambda _: None)
 
 
 def test_deterministic_across_thread_counts():

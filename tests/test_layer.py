@@ -11,7 +11,8 @@ import torch
 import srnn_fast
 from srnn_fast import SRNNState
 from srnn_fast.layer import CKPT_EVERY, srnn_layer
-from scan_cases import FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64
+from scan_cases import (FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64, check_subnormals_flushed,
+                        cpu_capabilities, cpu_capability)
 
 pytestmark = pytest.mark.skipif("cpp" not in srnn_fast.available_backends(), reason="extension not built")
 
@@ -114,18 +115,37 @@ def test_poisoned_outputs_are_all_written(monkeypatch):
         assert torch.equal(v, poisoned[k]), k
 
 
-def test_deterministic_across_thread_counts():
-    inputs, upstream = make_layer_case(100, 9, 10, 50, dtype=torch.float32, seed=4)
+@pytest.mark.parametrize("T,B,I,H,density,bias", [(100, 9, 10, 50, 0.3, True), (300, 3, 7, 70, 1.0, False),
+                                                  (60, 5, 30, 40, 0.05, True)], ids=["dense", "dense-chunks", "sparse"])
+def test_deterministic_across_thread_counts(T, B, I, H, density, bias):
+    """Every reduction (also dW_in = dI^T x of dense inputs, which a BLAS GEMM splits across
+    threads on Intel CPUs) runs in a fixed order: bitwise equal for 1 and 2 threads, on every
+    build; the avx2 and avx512 builds (both with FMA) bitwise equal to each other. "dense-chunks":
+    T B = 900 rows, several row chunks, no bias; H and I + 1 not whole tiles."""
+    inputs, upstream = make_layer_case(T, B, I, H, dtype=torch.float32, seed=4, density=density, bias=bias)
     before = torch.get_num_threads()
+    builds = {}
     try:
-        torch.set_num_threads(1)
-        one = run_layer(inputs, upstream, "cpp")
-        torch.set_num_threads(2)
-        two = run_layer(inputs, upstream, "cpp")
+        for name in cpu_capabilities():
+            with cpu_capability(name):
+                torch.set_num_threads(1)
+                one = run_layer(inputs, upstream, "cpp")
+                torch.set_num_threads(2)
+                two = run_layer(inputs, upstream, "cpp")
+            for k in one:
+                assert torch.equal(one[k], two[k]), f"[cpu capability {name}] {k}"
+            builds[name] = one
     finally:
         torch.set_num_threads(before)
-    for k in one:
-        assert torch.equal(one[k], two[k]), k
+    if "avx2" in builds and "avx512" in builds:
+        for k, v in builds["avx2"].items():
+            assert torch.equal(v, builds["avx512"][k]), k
+
+
+@pytest.mark.parametrize("density", [0.05, 0.6], ids=["sparse", "dense"])
+def test_float32_kernels_flush_subnormals(density):
+    inputs, upstream = make_layer_case(40, 4, 6, 20, seed=12, density=density)
+    check_each_cpu_capability(lambda: check_subnormals_flushed(run_layer, inputs, upstream), lambda _: None)
 
 
 def test_inference_saves_nothing_and_matches():

@@ -308,6 +308,20 @@ def test_report_says_which_runs_are_evaluated_on_a_weight_average(runs, tmp_path
     assert (out / "figures" / "curve_ecg_adaptive.png").read_bytes().startswith(PNG)
 
 
+def test_report_names_weight_decay_and_forks(runs, tmp_path):
+    """A run forked with --weight-decay: the report gives the decay, from which epoch, and the fork's origin."""
+    base = tmp_path / "base" / "ecg_adaptive"
+    shutil.copytree(runs / "all" / "ecg_adaptive", base)
+    fork = tmp_path / "all" / "ecg_adaptive_wd"
+    assert train.main(["--resume", str(base), "--out", str(fork), "--epochs", "2", "--weight-decay", "0.1",
+                       "--quiet"]) == 0
+    out = tmp_path / "results"
+    assert report.main([str(tmp_path / "all"), "--out", str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert "(`--weight-decay`): ecg_adaptive_wd (0.1, from epoch 2)." in text
+    assert "ecg_adaptive_wd from ecg_adaptive at epoch 1." in text
+
+
 def test_dense_layers_group_apart_and_new_settings_default_for_old_runs(tmp_path):
     """A network with dense layers is its own group (hidden 36-16d); a run that records the
     settings added later at their defaults groups with older runs without being flagged."""

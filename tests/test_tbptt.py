@@ -113,3 +113,21 @@ def test_epoch_time_times_the_truncated_steps(tmp_path):
     result = json.loads(out.read_text())
     assert result["preset"] == "psmnist_64_256" and set(result["backends"]) == {"cpp", "reference"}
     assert all(r["cpu"]["train_step_s"] > 0 for r in result["backends"].values())
+
+
+def test_epoch_time_can_start_from_trained_weights(tmp_path):
+    """--weights RUN: every backend starts from the run's weights (a network of another size is refused)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import epoch_time
+
+    write_tiny("smnist", tmp_path)
+    common = ["--task", "psmnist", "--preset", "psmnist_64_256", "--data-dir", str(tmp_path), "--limit", "8",
+              "--batch-size", "4", "--threads", "1", "--quiet"]
+    assert T.main(common + ["--epochs", "1", "--hidden-sizes", "8,12", "--out", str(tmp_path / "run")]) == 0
+    out = tmp_path / "epoch.json"
+    assert epoch_time.main(common + ["--hidden-sizes", "8,12", "--batches", "1", "--backends", "cpp",
+                                     "--weights", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["weights"] == str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        epoch_time.main(common + ["--hidden-sizes", "8,16", "--batches", "1", "--backends", "cpp",
+                                  "--weights", str(tmp_path / "run")])

@@ -1,4 +1,5 @@
 """The training CLI: a smoke run per task on tiny synthetic data, exact resume, DDP = one process, CLI errors."""
+import copy
 import json
 import os
 import subprocess
@@ -339,6 +340,92 @@ def test_resume_can_switch_ema_on(data_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         T.main(["--resume", str(tmp_path / "part"), "--epochs", "5", "--ema", "0.9"])
     assert "already averages its weights with decay 0.5" in capsys.readouterr().err
+
+
+def test_weight_decay_is_adamws_on_the_weight_matrices():
+    """decay_weights + Adam == AdamW with decay on the matrices and none on the 1-D parameters,
+    bit for bit; a skipped step (non-finite gradient) decays nothing."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    adamw, plain = copy.deepcopy(ours), copy.deepcopy(ours)
+    opts = [(ours, torch.optim.Adam(ours.parameters(), lr=0.1), 0.5),
+            (adamw, torch.optim.AdamW([{"params": [p for p in adamw.parameters() if p.ndim >= 2], "weight_decay": 0.5},
+                                       {"params": [p for p in adamw.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                                      lr=0.1), 0.0),
+            (plain, torch.optim.Adam(plain.parameters(), lr=0.1), 0.0)]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    for step in range(3):
+        for net, opt, wd in opts:
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            assert T.optimizer_step(net, opt, None, wd)
+        if step == 0:  # one step: only the matrices differ from undecayed Adam
+            for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+                assert torch.equal(p, q) == (p.ndim < 2), name
+    for (name, p), q in zip(ours.named_parameters(), adamw.parameters()):
+        assert torch.equal(p, q), name
+    before = [p.clone() for p in ours.parameters()]
+    opt = opts[0][1]
+    opt.zero_grad()
+    ours(x).square().sum().backward()
+    ours[0].weight.grad[0, 0] = float("inf")
+    assert not T.optimizer_step(ours, opt, None, 0.5)
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
+
+
+def test_resume_can_fork_a_run_with_weight_decay(data_dir, tmp_path, capsys):
+    """--resume RUN --out NEW --weight-decay W: NEW continues RUN's history (metrics, best epoch)
+    with the decay from the next epoch; RUN is untouched; a fork without new flags is RUN's own
+    continuation, bit for bit."""
+    args = ["--task", "smnist", "--batch-size", "16"] + TINY["smnist"]
+    run(args + ["--epochs", "3"], data_dir, tmp_path / "full")
+    run(args + ["--epochs", "2"], data_dir, tmp_path / "base")
+    base, fork, same = tmp_path / "base", tmp_path / "fork", tmp_path / "same"
+    files = {p.name: p.read_bytes() for p in base.iterdir()}
+    assert T.main(["--resume", str(base), "--out", str(fork), "--epochs", "3", "--weight-decay", "0.5", "--quiet"]) == 0
+    assert T.main(["--resume", str(base / "last.pt"), "--out", str(same), "--epochs", "3", "--quiet"]) == 0
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == files
+    full, decayed, plain = (_params(d / "last.pt") for d in (tmp_path / "full", fork, same))
+    assert all(torch.equal(full[k], plain[k]) for k in full)
+    assert not all(torch.equal(full[k], decayed[k]) for k in full if full[k].ndim >= 2)
+    cfg = json.loads((fork / "config.json").read_text())
+    assert (cfg["weight_decay"], cfg["weight_decay_from_epoch"]) == (0.5, 3)
+    assert cfg["forked_from"] == {"run": str(base), "epoch": 2}
+    assert json.loads((same / "config.json").read_text())["weight_decay"] == 0.0
+    m_base = json.loads((base / "metrics.json").read_text())
+    m_fork = json.loads((fork / "metrics.json").read_text())
+    assert [e["epoch"] for e in m_fork["epochs"]] == [1, 2, 3] and m_fork["epochs"][:2] == m_base["epochs"]
+    assert (fork / "best.pt").exists() and m_fork["best_epoch"] >= m_base["best_epoch"]
+    # Continuing the fork keeps its decay; another decay, or forking onto a run, is refused.
+    assert T.main(["--resume", str(fork), "--epochs", "4", "--quiet"]) == 0
+    assert json.loads((fork / "config.json").read_text())["weight_decay_from_epoch"] == 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(fork), "--epochs", "5", "--weight-decay", "0.1"])
+    assert "already decays its weights by 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(base), "--out", str(fork), "--epochs", "5"])
+    assert "already holds a run" in capsys.readouterr().err
+    half = tmp_path / "half"  # a fork stopped before its first checkpoint is started again
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    assert T.main(["--resume", str(base), "--out", str(half), "--epochs", "3", "--quiet"]) == 0
+    assert all(torch.equal(full[k], v) for k, v in _params(half / "last.pt").items())
+
+
+def test_weight_decay_reaches_truncated_bptt(data_dir, tmp_path, monkeypatch):
+    """A new run with --weight-decay records it and decays at every truncated-BPTT step."""
+    calls = []
+    decay = T.decay_weights
+    monkeypatch.setattr(T, "decay_weights", lambda opt, wd: (calls.append(wd), decay(opt, wd))[-1])
+    assert run(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--limit", "12", "--batch-size", "6",
+                "--hidden-sizes", "8,12", "--dense-sizes", "10", "--tbptt", "300", "--epochs", "1",
+                "--weight-decay", "0.25"], data_dir, tmp_path / "run") == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    steps = json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"][0]
+    assert cfg["weight_decay"] == 0.25 and "weight_decay_from_epoch" not in cfg
+    assert calls == [0.25] * (2 * 3)  # 12 images / batch 6 = 2 batches, 784 steps / 300 = 3 chunks each
+    assert steps["skipped_steps"] == 0
 
 
 @pytest.mark.slow
