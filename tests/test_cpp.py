@@ -97,8 +97,7 @@ def test_low_precision_input():
 
 def test_float32_kernels_flush_subnormals():
     inputs, upstream = make_case(40, 4, 20, seed=12)
-    check_each_cpu_capability(lambda: check_subnormals_flushed(lambda i, u, backend: fused(i, u, backend), inputs,
-                                                               upstream), lambda _: None)
+    check_each_cpu_capability(lambda: check_subnormals_flushed(fused, inputs, upstream), lambda _: None)
 
 
 def test_deterministic_across_thread_counts():
