@@ -15,6 +15,12 @@ runs it:
 
     epoch = n_train / B x (load + train step) + (n_val + n_test) / B x (load + eval pass)
 
+``--backends cpp,reference,reference+ftz``: a name with ``+ftz`` runs that backend with
+``torch.set_flush_denormal(True)``. The fused float32 kernels flush subnormal numbers themselves;
+PyTorch's own ops (the reference) do not, and on Intel CPUs, where each subnormal operand costs a
+microcode assist, a trained network's reference step is several times slower for it
+(``--weights RUN``).
+
 Like the trainer, it keeps freed memory for reuse (train.keep_freed_memory); ``--malloc-defaults``
 leaves glibc malloc as it is, to measure what that saves.
 Both wall time and the process's CPU time are reported (CPU time is the steadier of the two
@@ -60,7 +66,9 @@ def _cpu_model() -> str:
 def main(argv=None) -> int:
     parser = T.make_parser()
     parser.prog = "python bench/epoch_time.py"
-    parser.add_argument("--backends", default="cpp,reference", help="comma-separated backends to compare")
+    parser.add_argument("--backends", default="cpp,reference",
+                        help="comma-separated backends to compare; a backend named with '+ftz' (e.g. reference+ftz) "
+                             "runs with torch.set_flush_denormal(True), to tell what subnormal numbers cost it")
     parser.add_argument("--batches", type=T._positive(int), default=30, help="timed batches per backend")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     parser.add_argument("--weights", metavar="RUN",
@@ -72,6 +80,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     keeps_freed = False if args.malloc_defaults else T.keep_freed_memory()
     backends = args.backends.split(",")
+    for backend in backends:
+        name = backend.removesuffix("+ftz")
+        if name not in srnn_fast.available_backends() + ["auto"]:
+            parser.error(f"--backends: unknown backend {name!r} (available: {srnn_fast.available_backends()})")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = T.config_from_args(args, parser)
@@ -89,7 +101,7 @@ def main(argv=None) -> int:
     nets, opts = {}, {}
     for backend in backends:
         torch.manual_seed(cfg["seed"])
-        nets[backend] = T.build_model(dict(cfg, backend=backend))
+        nets[backend] = T.build_model(dict(cfg, backend=backend.removesuffix("+ftz")))
         if args.weights:
             nets[backend].load_state_dict(trained)
         opts[backend] = T.make_optimizer(nets[backend], cfg)
@@ -111,6 +123,7 @@ def main(argv=None) -> int:
             load.append(_since(start))
         for backend in backends:
             net, opt = nets[backend], opts[backend]
+            torch.set_flush_denormal(backend.endswith("+ftz"))
             net.train()
             start = _clock()
             T.train_batch(net, opt, x, y, cfg, lambda: T.clamp_time_constants(net))
@@ -120,6 +133,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 net(x)
             forward = _since(start)
+            torch.set_flush_denormal(False)
             if i:  # batch 0 warms up
                 times[backend]["train"].append(step)
                 times[backend]["eval"].append(forward)

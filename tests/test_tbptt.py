@@ -131,3 +131,26 @@ def test_epoch_time_can_start_from_trained_weights(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         epoch_time.main(common + ["--hidden-sizes", "8,16", "--batches", "1", "--backends", "cpp",
                                   "--weights", str(tmp_path / "run")])
+
+
+def test_epoch_time_ftz_backend_flushes_only_its_own_steps(tmp_path, monkeypatch, capsys):
+    """A backend named 'NAME+ftz' trains with subnormals flushed (torch.set_flush_denormal), the others do not, and
+    flushing is off again afterwards; an unknown backend is refused by name."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import epoch_time
+
+    def flushing():
+        return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+
+    seen = []
+    real_train_batch = T.train_batch
+    monkeypatch.setattr(T, "train_batch", lambda *a: (seen.append(flushing()), real_train_batch(*a))[1])
+    write_tiny("smnist", tmp_path)
+    common = ["--task", "psmnist", "--preset", "psmnist_64_256", "--hidden-sizes", "8,12", "--data-dir",
+              str(tmp_path), "--limit", "8", "--batch-size", "4", "--threads", "1", "--quiet", "--batches", "1"]
+    assert epoch_time.main(common + ["--backends", "reference,reference+ftz"]) == 0
+    assert seen == [False, True] * 2  # warm-up batch and timed batch, the backends taking turns
+    assert not flushing()
+    with pytest.raises(SystemExit):
+        epoch_time.main(common + ["--backends", "cpp,nosuch+ftz"])
+    assert "unknown backend 'nosuch'" in capsys.readouterr().err
