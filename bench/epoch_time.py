@@ -28,6 +28,7 @@ when other jobs share the cores). ``--json FILE`` also writes the figures as JSO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -61,6 +62,17 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+@contextlib.contextmanager
+def _flush_subnormals(on: bool):
+    """torch.set_flush_denormal(on) while the block runs; off again after it, even if it raises."""
+    if on and not torch.set_flush_denormal(True):
+        raise SystemExit("--backends: '+ftz' needs flush-to-zero, which this CPU does not support")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def main(argv=None) -> int:
@@ -123,17 +135,16 @@ def main(argv=None) -> int:
             load.append(_since(start))
         for backend in backends:
             net, opt = nets[backend], opts[backend]
-            torch.set_flush_denormal(backend.endswith("+ftz"))
-            net.train()
-            start = _clock()
-            T.train_batch(net, opt, x, y, cfg, lambda: T.clamp_time_constants(net))
-            step = _since(start)
-            net.eval()
-            start = _clock()
-            with torch.no_grad():
-                net(x)
-            forward = _since(start)
-            torch.set_flush_denormal(False)
+            with _flush_subnormals(backend.endswith("+ftz")):
+                net.train()
+                start = _clock()
+                T.train_batch(net, opt, x, y, cfg, lambda: T.clamp_time_constants(net))
+                step = _since(start)
+                net.eval()
+                start = _clock()
+                with torch.no_grad():
+                    net(x)
+                forward = _since(start)
             if i:  # batch 0 warms up
                 times[backend]["train"].append(step)
                 times[backend]["eval"].append(forward)
