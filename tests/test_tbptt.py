@@ -12,6 +12,9 @@ from srnn_fast import train as T
 from srnn_fast.data.synthetic import write_tiny
 from srnn_fast.modules import AdaptiveSRNN
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import epoch_time  # noqa: E402
+
 B, STEPS, C = 4, 12, 3
 
 
@@ -102,9 +105,6 @@ def test_tbptt_options_are_checked(capsys):
 
 def test_epoch_time_times_the_truncated_steps(tmp_path):
     """bench/epoch_time.py times the trainer's own train_batch: the preset's truncated BPTT too."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    import epoch_time
-
     write_tiny("smnist", tmp_path)
     out = tmp_path / "epoch.json"
     assert epoch_time.main(["--task", "psmnist", "--preset", "psmnist_64_256", "--data-dir", str(tmp_path),
@@ -117,9 +117,6 @@ def test_epoch_time_times_the_truncated_steps(tmp_path):
 
 def test_epoch_time_can_start_from_trained_weights(tmp_path):
     """--weights RUN: every backend starts from the run's weights (a network of another size is refused)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    import epoch_time
-
     write_tiny("smnist", tmp_path)
     common = ["--task", "psmnist", "--preset", "psmnist_64_256", "--data-dir", str(tmp_path), "--limit", "8",
               "--batch-size", "4", "--threads", "1", "--quiet"]
@@ -136,9 +133,6 @@ def test_epoch_time_can_start_from_trained_weights(tmp_path):
 def test_epoch_time_ftz_backend_flushes_only_its_own_steps(tmp_path, monkeypatch, capsys):
     """A backend named 'NAME+ftz' trains with subnormals flushed (torch.set_flush_denormal), the others do not, and
     flushing is off again afterwards; an unknown backend is refused by name."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    import epoch_time
-
     def flushing():
         return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
 
