@@ -108,8 +108,9 @@ def main(argv=None) -> int:
     if n_train < B:
         parser.error(f"the training set ({n_train}) is smaller than one batch ({B})")
     dtype = getattr(torch, cfg["dtype"])
-    trained = torch.load(T._find_checkpoint(args.weights), map_location="cpu",
-                         weights_only=False)["model"] if args.weights else None
+    checkpoint = torch.load(T._find_checkpoint(args.weights), map_location="cpu",
+                            weights_only=False) if args.weights else None
+    trained = checkpoint["model"] if checkpoint else None
     nets, opts = {}, {}
     for backend in backends:
         torch.manual_seed(cfg["seed"])
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
               "task": cfg["task"], "preset": cfg["preset"], "hidden_sizes": cfg["hidden_sizes"],
               "dense_sizes": cfg.get("dense_sizes") or [],
               "batch_size": B, "n_train": n_train, "n_eval": n_eval, "batches": args.batches, "weights": args.weights,
+              # a run's last.pt moves on while the run trains: say which epoch's weights were timed
+              "weights_epoch": checkpoint["epoch"] if checkpoint else None,
               "train_batches_per_epoch": math.ceil(n_train / B), "eval_batches_per_epoch": math.ceil(n_eval / B),
               "load_s": {k: median(load, j) for j, k in enumerate(("wall", "cpu"))}, "backends": {}}
     for backend in backends:

@@ -124,7 +124,8 @@ def test_epoch_time_can_start_from_trained_weights(tmp_path):
     out = tmp_path / "epoch.json"
     assert epoch_time.main(common + ["--hidden-sizes", "8,12", "--batches", "1", "--backends", "cpp",
                                      "--weights", str(tmp_path / "run"), "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["weights"] == str(tmp_path / "run")
+    result = json.loads(out.read_text())
+    assert result["weights"] == str(tmp_path / "run") and result["weights_epoch"] == 1
     with pytest.raises(RuntimeError, match="size mismatch"):
         epoch_time.main(common + ["--hidden-sizes", "8,16", "--batches", "1", "--backends", "cpp",
                                   "--weights", str(tmp_path / "run")])
