@@ -161,7 +161,7 @@ def main(argv=None) -> int:
               "dense_sizes": cfg.get("dense_sizes") or [],
               "batch_size": B, "n_train": n_train, "n_eval": n_eval, "batches": args.batches, "weights": args.weights,
               # a run's last.pt moves on while the run trains: say which epoch's weights were timed
-              "weights_epoch": checkpoint["epoch"] if checkpoint else None,
+              "weights_epoch": checkpoint.get("epoch") if checkpoint else None,
               "train_batches_per_epoch": math.ceil(n_train / B), "eval_batches_per_epoch": math.ceil(n_eval / B),
               "load_s": {k: median(load, j) for j, k in enumerate(("wall", "cpu"))}, "backends": {}}
     for backend in backends:
