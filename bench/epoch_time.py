@@ -66,9 +66,9 @@ def _cpu_model() -> str:
 
 @contextlib.contextmanager
 def _flush_subnormals(on: bool):
-    """torch.set_flush_denormal(on) while the block runs; off again after it, even if it raises."""
-    if on and not torch.set_flush_denormal(True):
-        raise SystemExit("--backends: '+ftz' needs flush-to-zero, which this CPU does not support")
+    """torch.set_flush_denormal(on) while the block runs (main has checked that the CPU can); off again after it,
+    even if it raises."""
+    torch.set_flush_denormal(on)
     try:
         yield
     finally:
@@ -96,6 +96,10 @@ def main(argv=None) -> int:
         name = backend.removesuffix("+ftz")
         if name not in srnn_fast.available_backends() + ["auto"]:
             parser.error(f"--backends: unknown backend {name!r} (available: {srnn_fast.available_backends()})")
+    if any(backend.endswith("+ftz") for backend in backends):  # refuse before the data and networks are loaded
+        if not torch.set_flush_denormal(True):
+            parser.error("--backends: '+ftz' needs flush-to-zero, which this CPU does not support")
+        torch.set_flush_denormal(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = T.config_from_args(args, parser)

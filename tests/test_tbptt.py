@@ -133,7 +133,7 @@ def test_epoch_time_can_start_from_trained_weights(tmp_path):
 
 def test_epoch_time_ftz_backend_flushes_only_its_own_steps(tmp_path, monkeypatch, capsys):
     """A backend named 'NAME+ftz' trains with subnormals flushed (torch.set_flush_denormal), the others do not, and
-    flushing is off again afterwards; an unknown backend is refused by name."""
+    flushing is off again afterwards; an unknown backend, and '+ftz' on a CPU that cannot flush, are refused."""
     def flushing():
         return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
 
@@ -149,3 +149,7 @@ def test_epoch_time_ftz_backend_flushes_only_its_own_steps(tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         epoch_time.main(common + ["--backends", "cpp,nosuch+ftz"])
     assert "unknown backend 'nosuch'" in capsys.readouterr().err
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # a CPU that cannot flush
+    with pytest.raises(SystemExit):
+        epoch_time.main(common + ["--backends", "cpp,reference+ftz"])
+    assert "'+ftz' needs flush-to-zero" in capsys.readouterr().err
