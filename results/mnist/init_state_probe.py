@@ -1,5 +1,5 @@
 """Accuracy of a checkpoint on validation images when only the initial membranes change
-(results/TASKS.md, "The gap, found"). Usage:
+(results/journal/mnist.md, "The gap, found"). Usage:
 
     SRNN_FAST_DATA=DATA python results/mnist/init_state_probe.py RUN/last.pt [N]
 """

@@ -6,7 +6,7 @@ memory only at launch, and the interpreter the CPU tests use ignores both.
     TRITON_INTERPRET=0 python -m srnn_fast.triton_kernels.compile_check [--arch 90 --arch 80]
         [--quick]
 
-Prints one table row per variant (the table of bench/RESULTS.md) and exits non-zero on a
+Prints one table row per variant (the table of bench/journal.md) and exits non-zero on a
 violation. Variants: state dtype x x_proj dtype (forward) x every BLOCK_H up to the dtype's
 H limit (ops.MAX_H) x spiking/relu x saved or not (forward) x surrogate (backward, spiking
 only: relu ignores it), each with the launcher's options and 16-byte aligned pointers (as

@@ -18,7 +18,7 @@ from .kernels import scan_bwd_kernel, scan_fwd_kernel
 # Each program holds W_rec (forward: W_rec^T) on chip for all T steps as one
 # [BLOCK_H, BLOCK_H] dot operand, BLOCK_H the next power of two >= H, staged in shared
 # memory. The largest BLOCK_H per state dtype whose kernels fit an sm_80 and an sm_90 block
-# without register spills, as compiled by compile_check (table in bench/RESULTS.md): at 256,
+# without register spills, as compiled by compile_check (table in bench/journal.md): at 256,
 # W alone is 256 KB in float32, over any GPU's per-block shared memory (sm_90: 227 KB); in
 # float64 at 128 both kernels spill registers whatever the warps.
 MAX_H = {torch.float32: 128, torch.float64: 64}
