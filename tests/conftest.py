@@ -11,6 +11,17 @@ if "TRITON_INTERPRET" not in os.environ:
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/scan_cases.py
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def cpp_extension():
+    """For the cpp suites: a visible skip without the compiled extension, a failure with
+    SRNN_FAST_REQUIRE_CPP=1 (CI), never a suite that passes by comparing nothing."""
+    from scan_cases import require_cpp
+
+    require_cpp()
+
 
 try:  # the GPU machine has no wfdb: QTDB/ECG tests skip there instead of failing
     import wfdb  # noqa: F401
