@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from srnn_fast import AdaptiveSRNN, SRNNLayer, SRNNState, srnn_scan
-from srnn_fast.modules import leaky_integrate
+from srnn_fast.modules import INTEGRATE_BLOCK, leaky_integrate
 
 T, B, I, C = 17, 3, 5, 4
 
@@ -118,6 +118,43 @@ def test_streaming_equals_one_call(neuron):
     s2a, st2 = srnn_scan(xp[:5], w, tm, ta, state0, neuron=neuron)
     s2b, st2 = srnn_scan(xp[5:], w, tm, ta, st2, neuron=neuron)
     torch.testing.assert_close(torch.cat([s2a, s2b]), s1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("readout", ["integrator", "membrane"])
+def test_stream_in_chunks_of_any_length(readout, dtype):
+    """stream over chunks that are not multiples of INTEGRATE_BLOCK, batch of B: the hidden
+    spikes of one forward call, and its per-step logits up to the rounding stream documents."""
+    torch.manual_seed(0)
+    net = AdaptiveSRNN(I, [16], C, readout=readout, decode="per_step", dtype=dtype)
+    with torch.no_grad():
+        net.layers[0].input.weight.mul_(3.0)
+    x = (torch.rand(400, B, I, dtype=dtype) < 0.2).to(dtype) * 2  # spike-like: no GEMM rounding upstream
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same random initial membranes in both
+        whole, hidden = net(x, return_spikes=True)
+        torch.manual_seed(1)
+        outs, spikes, state = [], [], None
+        for a, b in ((0, 50), (50, 87), (87, 150), (150, 301), (301, 400)):
+            o, state, s = net.stream(x[a:b], state, return_spikes=True)
+            outs.append(o)
+            spikes.append(s[0])
+    assert hidden[0].sum() > 0 and torch.equal(torch.cat(spikes), hidden[0])
+    err, bound = float((torch.cat(outs) - whole).abs().max()), INTEGRATE_BLOCK * torch.finfo(dtype).eps
+    assert err <= bound * float(whole.abs().max()), f"{err:.2e} > {bound:.1e} x max |o_t|"
+
+
+def test_stream_rejects_a_wrong_state():
+    """Only the NetworkState of a previous stream() call of this network, for the same batch."""
+    net = AdaptiveSRNN(I, [8, 6], C, decode="per_step")
+    x = torch.rand(T, B, I)
+    _, state = net.stream(x)
+    _, other = AdaptiveSRNN(I, [8], C, decode="per_step").stream(x)  # one layer state, not two
+    for bad in (state.layers[0], tuple(state), other):
+        with pytest.raises(ValueError, match="state must be the NetworkState of a previous stream"):
+            net.stream(x, bad)
+    with pytest.raises(ValueError, match=r"state.u must be \[B, H\] = \[2, 8\]"):
+        net.stream(x[:, :2], state)
 
 
 def test_leaky_integrator_matches_loop():
