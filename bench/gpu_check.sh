@@ -26,6 +26,7 @@ PY=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET_S:-460}
 export PYTHONUNBUFFERED=1
 export SRNN_FAST_REQUIRE_CUDA=1  # tests/test_cuda.py fails instead of skipping if the kernels are missing
+export SRNN_FAST_REQUIRE_CPP=1  # the cpp suites fail instead of skipping if srnn_fast._C does not load
 start=$SECONDS
 names=() statuses=() times=()
 

@@ -274,7 +274,8 @@ class AdaptiveSRNN(nn.Module):
         state to the next call continues the sequence. Without a state it starts as forward
         does. Chunks give what forward gives on their concatenation (decode="per_step"), bit
         for bit when every chunk but the last is a multiple of INTEGRATE_BLOCK steps (the
-        readout integrates in blocks of that many steps; otherwise they differ by rounding).
+        readout integrates in blocks of that many steps; otherwise they differ by rounding, a
+        few float eps of the largest |o_t|: tests/test_modules.py holds them to INTEGRATE_BLOCK eps).
         ``return_spikes``: also the spikes [T, B, H] (time-major) of every spiking layer,
         the hidden layers' then the readout's where it spikes.
         """

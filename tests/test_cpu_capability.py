@@ -10,7 +10,7 @@ import torch
 import srnn_fast
 from scan_cases import cpu_capabilities, cpu_capability, fused, make_case
 
-pytestmark = pytest.mark.skipif("cpp" not in srnn_fast.available_backends(), reason="extension not built")
+pytestmark = pytest.mark.usefixtures("cpp_extension")
 CAPABILITIES = ("avx512", "avx2", "default")
 
 

@@ -47,6 +47,7 @@ def write_annotated(folder, name, n, annotations):
 
 # ---- the label rule -------------------------------------------------------------------
 
+@pytest.mark.wfdb
 def test_label_rule_on_wfdb_record(tmp_path):
     ann = [("(", 100), ("p", 110), (")", 120), ("(", 130), ("N", 140), (")", 150), ("t", 200), (")", 230),
            # beat 2, with a U wave after T (no boundary)
@@ -97,6 +98,7 @@ def test_windows_rule():
 
 # ---- ECG data sets --------------------------------------------------------------------
 
+@pytest.mark.wfdb
 def test_ecg_from_tiny_records(tiny):
     train, test, info = build_datasets("ecg", tiny, seed=0, seq_len=500)
     assert info["input_size"] == 4 and info["num_classes"] == 6 and info["seq_len"] == 500
@@ -116,6 +118,7 @@ def test_ecg_from_tiny_records(tiny):
     assert torch.equal(x, level_crossing(signal[start:start + 500], 0.3))
 
 
+@pytest.mark.wfdb
 def test_ecg_context_precedes_each_window(tiny):
     """context=C: the same labelled steps, preceded by C unlabelled steps of the record's
     own signal (zero-padded before the start of the record)."""
@@ -138,7 +141,7 @@ def test_ecg_context_precedes_each_window(tiny):
         build_datasets("ecg", tiny, seq_len=500, context=-1)
 
 
-@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb (and with it scipy)")
+@pytest.mark.wfdb  # and with it scipy
 def test_bandpass_removes_baseline_and_noise_keeps_waves():
     """filter="bandpass": a slow baseline wander and 50 Hz mains are removed, a QRS-like
     pulse and a P-like wave keep their shape."""
@@ -158,7 +161,7 @@ def test_bandpass_removes_baseline_and_noise_keeps_waves():
         assert np.abs(err - err.mean()).max() < 0.12 and np.corrcoef(out[inner, lead], beats[inner])[0, 1] * sign > 0.98
 
 
-@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb")
+@pytest.mark.wfdb
 def test_ecg_filter_option(tiny, cache):
     plain = build_datasets("ecg", tiny, seq_len=500)[0]
     filtered = build_datasets("ecg", tiny, seq_len=500, filter="bandpass")[0]
@@ -190,7 +193,7 @@ def test_distort_gain_stretch_noise():
     np.testing.assert_array_equal(again, noisy)
 
 
-@pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb")
+@pytest.mark.wfdb
 def test_ecg_augment_only_the_training_records(tiny):
     plain_train, plain_test, info = build_datasets("ecg", tiny, seq_len=500)
     train, test, info_aug = build_datasets("ecg", tiny, seq_len=500, augment=2)
@@ -214,6 +217,7 @@ def test_ecg_augment_needs_raw_records(tmp_path):
         build_datasets("ecg", npz=tmp_path / "e.npz", augment=1)
 
 
+@pytest.mark.wfdb
 def test_split_by_record(tiny):
     for seed in range(4):
         train, test, info = build_datasets("ecg", tiny, seed=seed, seq_len=500)
@@ -227,6 +231,7 @@ def test_split_by_record(tiny):
         assert len(set(mask[np.array(list("aabccc")) == group])) == 1
 
 
+@pytest.mark.wfdb
 def test_ecg_npz_round_trip(tiny, tmp_path):
     arrays = qtdb.preprocess(tiny / "qtdb", 500, threshold=0.2)
     path = tmp_path / "ecg.npz"
@@ -265,6 +270,7 @@ def test_ecg_npz_errors(tmp_path):
         build_datasets("ecg", npz=tmp_path / "missing.npz")
 
 
+@pytest.mark.wfdb
 def test_ecg_cache_reused_and_damaged_cache_rebuilt(tiny, cache):
     first = build_datasets("ecg", tiny, seq_len=500)[0]
     files = list(cache.glob("qtdb-*.npz"))
@@ -277,6 +283,7 @@ def test_ecg_cache_reused_and_damaged_cache_rebuilt(tiny, cache):
     assert len(list(cache.glob("qtdb-*.npz"))) == 2  # other settings, other file
 
 
+@pytest.mark.wfdb
 def test_qtdb_errors(tmp_path):
     folder = tmp_path / "qtdb"
     folder.mkdir()
@@ -506,6 +513,7 @@ needs_real = pytest.mark.skipif(not (REAL and (pathlib.Path(REAL) / "qtdb" / "se
                                 reason="real data not found: set $SRNN_FAST_DATA to a folder with qtdb/ and mnist/")
 
 
+@pytest.mark.wfdb
 @needs_real
 def test_real_qtdb_three_records():
     names = ["sel100", "sel102", "sele0106"]

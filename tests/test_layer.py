@@ -3,18 +3,17 @@ recurrence in one kernel, checkpointed backward. Held to the scan's rules (spec 
 against the reference path F.linear + srnn_scan_ref, on every build of the CPU kernels this
 machine runs, with sparse inputs (projection summed in the kernel) and dense ones (one GEMM;
 kDenseInput in csrc/layer_cpu.cpp: more than 25 % nonzero in the first steps)."""
-import os
-
 import pytest
 import torch
 
-import srnn_fast
-from srnn_fast import SRNNState
+from srnn_fast import SRNNState, srnn_scan
 from srnn_fast.layer import CKPT_EVERY, srnn_layer
 from scan_cases import (FLOAT32_TOL, check_each_cpu_capability, check_float32, check_float64, check_subnormals_flushed,
                         cpu_capabilities, cpu_capability)
 
-pytestmark = pytest.mark.skipif("cpp" not in srnn_fast.available_backends(), reason="extension not built")
+
+pytestmark = pytest.mark.usefixtures("cpp_extension")
+
 
 NAMES = ("x", "w_in", "bias", "w_rec", "tau_m", "tau_adp", "u0", "eta0", "s0")
 
@@ -148,16 +147,47 @@ def test_float32_kernels_flush_subnormals(density):
     check_each_cpu_capability(lambda: check_subnormals_flushed(run_layer, inputs, upstream), lambda _: None)
 
 
-def test_inference_saves_nothing_and_matches():
-    inputs, _ = make_layer_case(40, 3, 5, 20, dtype=torch.float32, seed=6)
-    args = [inputs[k] for k in ("x", "w_in", "bias", "w_rec")]
-    alpha, rho = torch.exp(-1 / inputs["tau_m"]), torch.exp(-1 / inputs["tau_adp"])
-    state = [inputs[k] for k in ("u0", "eta0", "s0")]
-    out = torch.ops.srnn_fast.layer_fwd(*args, alpha, rho, *state, True, 0.01, 1.8, 1.0, 1.0, 0)
-    assert out[3].numel() == out[4].numel() == out[5].numel() == 0
-    with torch.no_grad():
-        s, _ = srnn_layer(*args, inputs["tau_m"], inputs["tau_adp"], SRNNState(*state), backend="cpp")
-    assert torch.equal(s, out[0])
+@pytest.mark.parametrize("density", [0.1, 0.6], ids=["sparse", "dense"])
+@pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
+def test_inference_paths_save_nothing_and_match_the_reference(neuron, density, monkeypatch):
+    """Under no_grad srnn_layer and srnn_scan call the kernels' paths that save nothing for
+    backward (layer_fwd with ckpt_every = 0, scan_fwd with save = False); held to the float64
+    rules against the reference (exact spikes, final state to rtol)."""
+    inputs, _ = make_layer_case(CKPT_EVERY + 7, 3, 5, 20, seed=6, density=density)
+    x, w_in, bias, w_rec, tau_m, tau_adp = (inputs[k] for k in ("x", "w_in", "bias", "w_rec", "tau_m", "tau_adp"))
+    state = SRNNState(inputs["u0"], inputs["eta0"], inputs["s0"])
+    as_dict = lambda s, st: {"s": s, "u": st.u, "eta": st.eta, "s_T": st.s}  # noqa: E731
+    ref = as_dict(*srnn_layer(x, w_in, bias, w_rec, tau_m, tau_adp, state, neuron=neuron, backend="reference"))
+    if neuron != "relu":
+        assert 0.02 < float(ref["s"].mean()) < 0.9  # spikes to compare
+    saved = {}  # op -> (its last argument: ckpt_every / save, the sizes of what it saved)
+
+    def spy(name, op):
+        def call(*args):
+            out = op(*args)
+            saved[name] = (args[-1], [t.numel() for t in out[3:]])
+            return out
+        return call
+    for name in ("layer_fwd", "scan_fwd"):
+        monkeypatch.setattr(torch.ops.srnn_fast, name, spy(name, getattr(torch.ops.srnn_fast, name)))
+
+    def inference():
+        saved.clear()
+        with torch.no_grad():
+            layer = srnn_layer(x, w_in, bias, w_rec, tau_m, tau_adp, state, neuron=neuron, backend="cpp")
+            scan = srnn_scan(torch.nn.functional.linear(x, w_in, bias), w_rec, tau_m, tau_adp, state, neuron=neuron,
+                             backend="cpp")
+        assert saved == {"layer_fwd": (0, [0, 0, 0]), "scan_fwd": (False, [0, 0])}, saved
+        return as_dict(*layer), as_dict(*scan)
+
+    def check(got):
+        for name, g in zip(("srnn_layer", "srnn_scan"), got):
+            try:
+                check_float64(g, ref)
+            except AssertionError as e:
+                raise AssertionError(f"{name}: {e}") from None
+
+    check_each_cpu_capability(inference, check)
 
 
 def _op_args(T=10, B=3, I=4, H=6, ckpt=4):

@@ -5,25 +5,33 @@ import pytest
 import torch
 
 from srnn_fast import AdaptiveSRNN, SRNNLayer, SRNNState, srnn_scan
-from srnn_fast.modules import leaky_integrate
+from srnn_fast.modules import INTEGRATE_BLOCK, leaky_integrate
 
 T, B, I, C = 17, 3, 5, 4
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("readout,decode", [("integrator", "last"), ("integrator", "max"), ("integrator", "mean"),
                                             ("integrator", "per_step"), ("spiking", "count"),
                                             ("spiking", "per_step"), ("membrane", "per_step"),
                                             ("membrane", "mean")])
-def test_network_shapes(readout, decode, batch_first):
-    net = AdaptiveSRNN(I, [8, 6], C, readout=readout, decode=decode, batch_first=batch_first)
-    x = torch.rand(B, T, I) if batch_first else torch.rand(T, B, I)
+def test_network_shapes_and_batch_first(readout, decode):
+    """Time-major [T, B, I] and batch_first [B, T, I] calls of the same network: the shapes,
+    and the same values (per_step logits transposed)."""
+    torch.manual_seed(0)
+    kw = dict(readout=readout, decode=decode, dtype=torch.float64)
+    net = AdaptiveSRNN(I, [8, 6], C, **kw)
+    net_bf = AdaptiveSRNN(I, [8, 6], C, batch_first=True, **kw)
+    net_bf.load_state_dict(net.state_dict())
+    x = torch.rand(T, B, I, dtype=torch.float64) * 3
+    torch.manual_seed(1)  # the same random initial membranes in both calls
     logits, hidden = net(x, return_spikes=True)
-    if decode == "per_step":
-        assert logits.shape == ((B, T, C) if batch_first else (T, B, C))
-    else:
-        assert logits.shape == (B, C)
-    assert [h.shape for h in hidden] == [(T, B, 8), (T, B, 6)]
+    torch.manual_seed(1)
+    logits_bf, hidden_bf = net_bf(x.transpose(0, 1), return_spikes=True)
+    assert logits.shape == ((T, B, C) if decode == "per_step" else (B, C))
+    assert [h.shape for h in hidden] == [h.shape for h in hidden_bf] == [(T, B, 8), (T, B, 6)]
+    assert all(h.sum() > 0 for h in hidden)  # both layers fire: the values compared depend on them
+    assert torch.equal(logits_bf, logits.transpose(0, 1) if decode == "per_step" else logits)
+    assert all(torch.equal(a, b) for a, b in zip(hidden_bf, hidden))
     if readout == "spiking" and decode == "count":
         assert torch.equal(logits, logits.round()) and (logits >= 0).all()
 
@@ -35,12 +43,32 @@ def test_count_needs_spiking_readout():
 
 @pytest.mark.parametrize("neuron", ["adaptive", "lif", "relu"])
 def test_layer_like_lstm(neuron):
-    layer = SRNNLayer(I, 7, neuron=neuron, batch_first=True)
-    s, state = layer(torch.rand(B, T, I))
-    assert s.shape == (B, T, 7) and isinstance(state, SRNNState)
-    assert all(t.shape == (B, 7) for t in state)
-    s1, st1 = layer(torch.rand(T, I))  # unbatched, like nn.LSTM
-    assert s1.shape == (T, 7) and st1.u.shape == (7,)
+    """Like nn.LSTM: batch_first [B, T, I] and unbatched [T, I] calls, with a given state or
+    without, give the values of the time-major batched call (transposed, or its batch row)."""
+    torch.manual_seed(0)
+    layer = SRNNLayer(I, 7, neuron=neuron, dtype=torch.float64)
+    layer_bf = SRNNLayer(I, 7, neuron=neuron, batch_first=True, dtype=torch.float64)
+    layer_bf.load_state_dict(layer.state_dict())
+    # Spike-like input (the kernel's own projection over nonzero inputs): dense input goes through
+    # torch's BLAS GEMM, whose rounding depends on the row count and on x's memory alignment.
+    x = (torch.rand(T, B, I, dtype=torch.float64) < 0.2).double() * 3
+    state = layer.initial_state(B)  # random membranes (training mode)
+    s, st = layer(x, state)
+    assert s.shape == (T, B, 7) and isinstance(st, SRNNState) and all(t.shape == (B, 7) for t in st)
+    assert 0 < float((s != 0).double().mean()) < 1  # values that depend on the input and the state
+    s_bf, st_bf = layer_bf(x.transpose(0, 1), state)
+    assert torch.equal(s_bf, s.transpose(0, 1)) and all(torch.equal(a, b) for a, b in zip(st_bf, st))
+    row = SRNNState(*(t[1] for t in state))  # unbatched: batch row 1 alone, from its state [H]
+    s1, st1 = layer(x[:, 1], row)
+    assert s1.shape == (T, 7) and isinstance(st1, SRNNState) and all(t.shape == (7,) for t in st1)
+    assert torch.equal(s1, s[:, 1]) and all(torch.equal(a, b[1]) for a, b in zip(st1, st))
+    s_a, st_a = layer(x[:9, 1], row)  # and streamed: the unbatched state carried on
+    s_b, st_b = layer(x[9:, 1], st_a)
+    assert torch.equal(torch.cat([s_a, s_b]), s1) and all(torch.equal(a, b) for a, b in zip(st_b, st1))
+    torch.manual_seed(2)  # no state: the layer's initial state, drawn as for a batch of one
+    s_none, _ = layer(x[:, 1])
+    torch.manual_seed(2)
+    assert torch.equal(s_none, layer(x[:, 1:2])[0][:, 0])
 
 
 def test_initialisation():
@@ -90,6 +118,43 @@ def test_streaming_equals_one_call(neuron):
     s2a, st2 = srnn_scan(xp[:5], w, tm, ta, state0, neuron=neuron)
     s2b, st2 = srnn_scan(xp[5:], w, tm, ta, st2, neuron=neuron)
     torch.testing.assert_close(torch.cat([s2a, s2b]), s1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("readout", ["integrator", "membrane"])
+def test_stream_in_chunks_of_any_length(readout, dtype):
+    """stream over chunks that are not multiples of INTEGRATE_BLOCK, batch of B: the hidden
+    spikes of one forward call, and its per-step logits up to the rounding stream documents."""
+    torch.manual_seed(0)
+    net = AdaptiveSRNN(I, [16], C, readout=readout, decode="per_step", dtype=dtype)
+    with torch.no_grad():
+        net.layers[0].input.weight.mul_(3.0)
+    x = (torch.rand(400, B, I, dtype=dtype) < 0.2).to(dtype) * 2  # spike-like: no GEMM rounding upstream
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same random initial membranes in both
+        whole, hidden = net(x, return_spikes=True)
+        torch.manual_seed(1)
+        outs, spikes, state = [], [], None
+        for a, b in ((0, 50), (50, 87), (87, 150), (150, 301), (301, 400)):
+            o, state, s = net.stream(x[a:b], state, return_spikes=True)
+            outs.append(o)
+            spikes.append(s[0])
+    assert hidden[0].sum() > 0 and torch.equal(torch.cat(spikes), hidden[0])
+    err, bound = float((torch.cat(outs) - whole).abs().max()), INTEGRATE_BLOCK * torch.finfo(dtype).eps
+    assert err <= bound * float(whole.abs().max()), f"{err:.2e} > {bound:.1e} x max |o_t|"
+
+
+def test_stream_rejects_a_wrong_state():
+    """Only the NetworkState of a previous stream() call of this network, for the same batch."""
+    net = AdaptiveSRNN(I, [8, 6], C, decode="per_step")
+    x = torch.rand(T, B, I)
+    _, state = net.stream(x)
+    _, other = AdaptiveSRNN(I, [8], C, decode="per_step").stream(x)  # one layer state, not two
+    for bad in (state.layers[0], tuple(state), other):
+        with pytest.raises(ValueError, match="state must be the NetworkState of a previous stream"):
+            net.stream(x, bad)
+    with pytest.raises(ValueError, match=r"state.u must be \[B, H\] = \[2, 8\]"):
+        net.stream(x[:, :2], state)
 
 
 def test_leaky_integrator_matches_loop():

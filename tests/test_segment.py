@@ -24,10 +24,10 @@ ECG_CONFIG = {"task": "ecg", "model": "lif", "input_size": 4, "hidden_sizes": [1
               "init_state": "uniform", "dtype": "float32", "data": {"threshold": 0.1, "filter": "bandpass"}}
 
 
-def make_run(folder, **changes):
+def make_run(folder, seed=0, **changes):
     """A run folder holding best.pt of an untrained network (the command only needs the weights and config)."""
     cfg = dict(ECG_CONFIG, **changes)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = T.build_model(cfg)
     with torch.no_grad():  # larger input weights, so that the hidden layer fires and the labels vary
         net.layers[0].input.weight.mul_(8.0)
@@ -134,9 +134,11 @@ def test_annotation_edges_and_short_runs():
 
 def test_command_writes_every_output(tmp_path, record, capsys):
     run = make_run(tmp_path / "run")
+    # a peer: another network, with its own preprocessing (threshold, no filter)
+    peer = make_run(tmp_path / "peer", seed=1, data={"threshold": 0.2, "filter": "none"})
     out = tmp_path / "out"
     assert S.main([str(record), "--checkpoint", str(run), "--out", str(out), "--quiet", "--compare-reference",
-                   "--plot-seconds", "4", "--peer", str(run)]) == 0
+                   "--plot-seconds", "4", "--peer", str(peer)]) == 0
     printed = capsys.readouterr().out
     assert "samples/s" in printed and "x real time" in printed and "uJ per s of signal" in printed
     assert sorted(p.name for p in out.iterdir()) == ["r1.json", "r1.png", "r1.srnn", "r1_labels.csv",
@@ -146,7 +148,9 @@ def test_command_writes_every_output(tmp_path, record, capsys):
     assert n == 4500 and set(summary["throughput"]) == {"cpp", "reference"}
     assert summary["reference_agreement"] > 0.99 and summary["energy_uj_per_s"] > 0
     assert summary["accuracy"]["srnn"][1] == (qtdb.load_record(record.parent, "r1")[1] >= 0).sum()
-    assert summary["accuracy"]["srnn run"] == summary["accuracy"]["srnn"]  # the same network as a peer
+    # the peer scored as its own run would score it, on the same samples
+    alone = S.segment_record(record, *S.load_run(peer), tmp_path / "peer_out", plot=False)["accuracy"]["srnn"]
+    assert summary["accuracy"]["srnn peer"] == alone != summary["accuracy"]["srnn"]
     labels = np.loadtxt(out / "r1_labels.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
     assert len(labels) == n and len(np.unique(labels)) > 1
     back = wfdb.rdann(str(out / "r1"), "srnn")  # readable by WFDB tools, and it encodes the labels
@@ -157,6 +161,70 @@ def test_command_writes_every_output(tmp_path, record, capsys):
     np.testing.assert_array_equal(rebuilt[rebuilt >= 0], want[rebuilt >= 0])
     assert (out / "r1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| r1 |" in (out / "scores.md").read_text()
+
+
+def test_test_records_come_from_the_data_folder(tmp_path, record, monkeypatch):
+    """--test-records adds the checkpoint's test records (its data_info) from DATA/qtdb, DATA
+    from --data-dir or $SRNN_FAST_DATA, after the RECORD paths given."""
+    for i, name in enumerate(("t1", "t2", "t3")):
+        synthetic.write_ecg_record(tmp_path / "data" / "qtdb", name, n_beats=4, seed=i)
+    run = make_run(tmp_path / "run", data_info={"test_records": ["t1", "t3"]})
+    args = ["--checkpoint", str(run), "--quiet", "--no-plot", "--test-records"]
+    scored = lambda out: [s["record"] for s in json.loads((out / "scores.json").read_text())]  # noqa: E731
+    assert S.main(args + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "a")]) == 0
+    assert scored(tmp_path / "a") == ["t1", "t3"]
+    monkeypatch.setenv("SRNN_FAST_DATA", str(tmp_path / "data"))
+    assert S.main(args + [str(record), "--out", str(tmp_path / "b")]) == 0
+    assert scored(tmp_path / "b") == ["r1", "t1", "t3"]
+
+
+def test_annotator_option(tmp_path, record, capsys):
+    """--ann EXT scores against RECORD.EXT and is an error where that file is missing; the
+    default q1c is scored where it exists, else nothing is; --ann '' scores nothing."""
+    ann = wfdb.rdann(str(record), "q1c")
+    first = slice(0, 40)  # the first 5 beats only: other expert labels than q1c's
+    wfdb.wrann("r1", "man", ann.sample[first], symbol=ann.symbol[first], write_dir=str(record.parent))
+    raw, fs = qtdb.read_signal(record)
+    want = qtdb.segment_labels(ann.sample[first], ann.symbol[first], len(raw), fs)
+    run = make_run(tmp_path / "run")
+    base = [str(record), "--checkpoint", str(run), "--quiet", "--no-plot"]
+    summary = lambda out: json.loads((out / "r1.json").read_text())  # noqa: E731
+    assert S.main(base + ["--out", str(tmp_path / "q1c")]) == 0
+    assert S.main(base + ["--out", str(tmp_path / "man"), "--ann", "man"]) == 0
+    counted = summary(tmp_path / "man")["accuracy"]["srnn"][1]
+    assert counted == (want >= 0).sum() < summary(tmp_path / "q1c")["accuracy"]["srnn"][1]
+    expert = np.loadtxt(tmp_path / "man" / "r1_labels.csv", delimiter=",", skiprows=1, usecols=4, dtype=int)
+    np.testing.assert_array_equal(expert, want)
+    assert "expert annotations (man)" in (tmp_path / "man" / "scores.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        S.main(base + ["--out", str(tmp_path / "pu0"), "--ann", "pu0"])
+    assert e.value.code != 0 and "--ann pu0" in capsys.readouterr().err and not (tmp_path / "pu0").exists()
+    for out, extra in (("none", ["--ann", ""]), ("no_q1c", [])):
+        if out == "no_q1c":
+            (record.parent / "r1.q1c").unlink()
+        assert S.main(base + ["--out", str(tmp_path / out)] + extra) == 0
+        assert summary(tmp_path / out)["accuracy"] == {} and not (tmp_path / out / "scores.md").exists()
+        assert (tmp_path / out / "r1_labels.csv").read_text().split("\n", 1)[0] == "sample,time_s,label,wave"
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--threads", "0"], "--threads"), (["--chunk", "100"], "--chunk"), (["--plot-seconds", "0"], "--plot-seconds"),
+    (["--plot-start", "-1"], "--plot-start"), (["--min-run-ms", "-5"], "--min-run-ms"),
+    (["--checkpoint", "nowhere"], "--checkpoint"), (["--neurokit"], "--neurokit"),
+    (["--leads", "MLII"], "--leads"), (["--no-record"], "RECORD"), (["--no-record", "--test-records"], "--data-dir")],
+    ids=["threads", "chunk", "plot-seconds", "plot-start", "min-run-ms", "checkpoint", "neurokit", "one-lead",
+         "no-record", "test-records-without-data"])
+def test_argument_errors_name_the_argument(tmp_path, record, monkeypatch, capsys, args, named):
+    """Each bad argument: a non-zero exit, a message that names it, nothing written."""
+    monkeypatch.setitem(sys.modules, "neurokit2", None)  # not installed
+    monkeypatch.delenv("SRNN_FAST_DATA", raising=False)
+    given = [] if "--no-record" in args else [str(record)]
+    argv = given + ["--checkpoint", str(make_run(tmp_path / "run")), "--out", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        S.main(argv + [a for a in args if a != "--no-record"])
+    assert e.value.code not in (0, None)
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _bad(tmp_path, record, case):

@@ -14,7 +14,8 @@ from srnn_fast import train as T
 from srnn_fast.baselines import RNNBaseline
 from srnn_fast.data.synthetic import write_tiny
 
-TASKS = ("ecg", "smnist", "psmnist", "shd")
+ECG = pytest.param("ecg", marks=pytest.mark.wfdb)  # reads the tiny QTDB records
+TASKS = (ECG, "smnist", "psmnist", "shd")
 # Small but real-layout runs: a few steps, small batches, single thread.
 TINY = {"ecg": ["--seq-len", "120"], "smnist": ["--window", "28", "--encoding", "window"],
         "psmnist": ["--window", "28", "--encoding", "window"], "shd": ["--frame-ms", "10"]}
@@ -256,7 +257,7 @@ def _params(path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--task", "ecg", "--batch-size", "8"] + TINY["ecg"],
+    pytest.param(["--task", "ecg", "--batch-size", "8"] + TINY["ecg"], marks=pytest.mark.wfdb),
     # Adamax, the linear decay (LambdaLR), truncated BPTT, a dense layer and U(0, b0) starts
     ["--task", "psmnist", "--preset", "psmnist_64_256_256", "--limit", "12", "--batch-size", "6",
      "--hidden-sizes", "8,12", "--dense-sizes", "10", "--lr-linear", "3", "--tbptt", "300"]],
@@ -429,7 +430,7 @@ def test_weight_decay_reaches_truncated_bptt(data_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["ecg", "shd"])
+@pytest.mark.parametrize("task", [ECG, "shd"])
 def test_ddp_two_processes_equal_one(task, data_dir, tmp_path):
     # float64 and zero initial membranes: the only difference left is the split of each global
     # batch over ranks, which the loss weighting must make irrelevant (ECG: the ranks hold

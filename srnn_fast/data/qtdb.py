@@ -176,8 +176,8 @@ def pick_channels(header, channels=None, where: str = "the record") -> list:
     picked = [names.index(c) if c in names else c for c in channels]
     bad = [c for c in picked if not (isinstance(c, int) and 0 <= c < header.n_sig)]
     if len(picked) != N_LEADS or bad:
-        raise DataError(f"{where}: channels must name {N_LEADS} of its signals (an index in 0..{header.n_sig - 1} "
-                        f"or one of {names}); got {bad or list(channels)}")
+        raise DataError(f"{where}: channels (--leads) must name {N_LEADS} of its signals (an index in "
+                        f"0..{header.n_sig - 1} or one of {names}); got {bad or list(channels)}")
     return picked
 
 
