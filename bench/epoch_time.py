@@ -43,6 +43,8 @@ import torch
 import srnn_fast
 from srnn_fast import data as data_mod
 from srnn_fast import train as T
+from srnn_fast.train.checkpoints import _find_checkpoint, _save_json
+from srnn_fast.train.cli import _positive
 
 
 def _clock() -> tuple:
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cpp,reference",
                         help="comma-separated backends to compare; a backend named with '+ftz' (e.g. reference+ftz) "
                              "runs with torch.set_flush_denormal(True), to tell what subnormal numbers cost it")
-    parser.add_argument("--batches", type=T._positive(int), default=30, help="timed batches per backend")
+    parser.add_argument("--batches", type=_positive(int), default=30, help="timed batches per backend")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     parser.add_argument("--weights", metavar="RUN",
                         help="start every backend from this run's trained weights (its last.pt, or a checkpoint "
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     if n_train < B:
         parser.error(f"the training set ({n_train}) is smaller than one batch ({B})")
     dtype = getattr(torch, cfg["dtype"])
-    checkpoint = torch.load(T._find_checkpoint(args.weights), map_location="cpu",
+    checkpoint = torch.load(_find_checkpoint(args.weights), map_location="cpu",
                             weights_only=False) if args.weights else None
     trained = checkpoint["model"] if checkpoint else None
     nets, opts = {}, {}
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
             ratio = result["backends"][other]["cpu"]["epoch_s"] / result["backends"][first]["cpu"]["epoch_s"]
             print(f"{other} / {first}: {ratio:.2f}x the CPU time per epoch")
     if args.json_out:
-        T._save_json(Path(args.json_out), result)
+        _save_json(Path(args.json_out), result)
     return 0
 
 

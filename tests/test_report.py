@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("matplotlib")
 from srnn_fast import report, train  # noqa: E402
 from srnn_fast.energy import estimate_energy  # noqa: E402
+from srnn_fast.train.checkpoints import _save_csv, _save_json  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -116,7 +117,7 @@ def test_report_without_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# --ablation: groups of runs, written by hand in train.py's format (its own writers)
+# --ablation: groups of runs, written by hand in the trainer's format (its own writers)
 # ---------------------------------------------------------------------------------------
 def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0, val=(0.5, 0.6), test=(0.4, 0.5),
              fr=(0.1, 0.2), task="ecg", **extra):
@@ -145,9 +146,9 @@ def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0
                "wall_time_s": 1.0, "params": 1000, "selected_on": "val" if val is not None else "test"}
     if val is not None:
         metrics["best_val_acc"] = val[best]
-    train._save_json(out / "config.json", cfg)
-    train._save_json(out / "metrics.json", metrics)
-    train._save_csv(out / "metrics.csv", epochs)
+    _save_json(out / "config.json", cfg)
+    _save_json(out / "metrics.json", metrics)
+    _save_csv(out / "metrics.csv", epochs)
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from srnn_fast import train as T
+from srnn_fast.train.steps import _detached
 from srnn_fast.data.synthetic import write_tiny
 from srnn_fast.modules import AdaptiveSRNN
 
@@ -62,7 +63,7 @@ def test_each_step_backpropagates_through_its_chunk_only(decode):
         o, state = x.new_zeros(B, 0, C), None
         if t_cut:
             o, state = net.stream(x[:, :t_cut])
-        o1, _ = net.stream(x[:, t_cut:t_end], T._detached(state))
+        o1, _ = net.stream(x[:, t_cut:t_end], _detached(state))
         _mean_ce(_decoded(torch.cat([o.detach(), o1], 1), decode), y).backward()
         return _grads(net)
 

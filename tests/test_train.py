@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from srnn_fast import train as T
+from srnn_fast.train import steps as train_steps
 from srnn_fast.baselines import RNNBaseline
 from srnn_fast.data.synthetic import write_tiny
 
@@ -417,7 +418,7 @@ def test_weight_decay_reaches_truncated_bptt(data_dir, tmp_path, monkeypatch):
     """A new run with --weight-decay records it and decays at every truncated-BPTT step."""
     calls = []
     decay = T.decay_weights
-    monkeypatch.setattr(T, "decay_weights", lambda opt, wd: (calls.append(wd), decay(opt, wd))[-1])
+    monkeypatch.setattr(train_steps, "decay_weights", lambda opt, wd: (calls.append(wd), decay(opt, wd))[-1])
     assert run(["--task", "psmnist", "--preset", "psmnist_64_256_256", "--limit", "12", "--batch-size", "6",
                 "--hidden-sizes", "8,12", "--dense-sizes", "10", "--tbptt", "300", "--epochs", "1",
                 "--weight-decay", "0.25"], data_dir, tmp_path / "run") == 0
@@ -628,7 +629,7 @@ def test_training_survives_and_reports_non_finite_steps(data_dir, tmp_path, monk
         calls["n"] += 1
         return (loss_sum * float("inf") if poison(calls["n"]) else loss_sum), count, correct
 
-    monkeypatch.setattr(T, "loss_terms", loss_terms)
+    monkeypatch.setattr(train_steps, "loss_terms", loss_terms)
     out = tmp_path / "run"
     args = ["--task", "smnist", "--model", "lif", "--epochs", "1", "--batch-size", "16"] + TINY["smnist"]
     assert run(args, data_dir, out) == 0
@@ -638,7 +639,7 @@ def test_training_survives_and_reports_non_finite_steps(data_dir, tmp_path, monk
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert "skipped_steps" in (out / "metrics.csv").read_text().splitlines()[0]
     # every step non-finite: a clear error, not NaN weights
-    monkeypatch.setattr(T, "loss_terms", lambda logits, y: loss_terms(logits, y, poison=lambda n: True))
+    monkeypatch.setattr(train_steps, "loss_terms", lambda logits, y: loss_terms(logits, y, poison=lambda n: True))
     with pytest.raises(FloatingPointError, match="every optimizer step of epoch 1 had a non-finite gradient"):
         run(args, data_dir, tmp_path / "run2")
 

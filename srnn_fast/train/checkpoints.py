@@ -1,0 +1,108 @@
+"""Checkpoints and run folders: what a run folder holds (config.json, metrics.json,
+metrics.csv, best.pt, last.pt), how its files are written (atomically: a temporary file
+renamed), found, evaluated and forked."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .model import DATA_OPTIONS, _load_data, build_model
+from .steps import evaluate
+
+METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "test_acc_full", "fr",
+                 "time_s", "cpu_time_s", "lr", "skipped_steps")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def _save_csv(path: Path, epochs: list) -> None:
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS + ("fr_layers",))
+            w.writeheader()
+            for e in epochs:
+                row = {k: e.get(k) for k in METRIC_FIELDS}
+                row["fr_layers"] = ";".join(f"{v:.6g}" for v in e["fr_layers"]) if e["fr_layers"] else ""
+                w.writerow(row)
+    _atomic_write(path, write)
+
+
+def _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema):
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "epoch": epoch, "config": cfg, "rng_state": rng, "best_score": best}
+    if ema is not None:  # the weights that were evaluated (--evaluate loads them)
+        ckpt["ema"] = ema.state_dict()
+    return ckpt
+
+
+def _find_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "last.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {p} (give a run folder holding last.pt, or the file)")
+    return p
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") -> dict:
+    """Test (and validation) accuracy, loss and Fr of a checkpoint (a run folder means its
+    best.pt), on the run's data with ``data_overrides`` applied (e.g. {"context": 300})."""
+    p = Path(path)
+    p = p / "best.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--evaluate: no checkpoint at {p} (give a run folder holding best.pt, or the file)")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    cfg = dict(ckpt["config"], device=device)
+    unknown = sorted(set(data_overrides) - set(DATA_OPTIONS[cfg["task"]]))
+    if unknown:
+        raise ValueError(f"--evaluate: data option(s) {unknown} do not apply to task {cfg['task']}")
+    cfg["data"] = dict(cfg["data"], **data_overrides)
+    _, test_ds, info = _load_data(cfg)
+    val_ds = info.pop("val", None)
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ckpt.get("ema", ckpt["model"]))  # the weights that were evaluated in training
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    out = {"checkpoint": str(p), "epoch": ckpt["epoch"], "data": cfg["data"],
+           **evaluate(model, test_ds, cfg, torch.device(device), dtype, 0, 1)}
+    if val_ds is not None:
+        v = evaluate(model, val_ds, cfg, torch.device(device), dtype, 0, 1)
+        out.update(val_acc=v["test_acc"], val_loss=v["test_loss"])
+    return out
+
+
+def fork_run(source: Path, out: Path, epoch: int) -> None:
+    """Start run folder ``out`` as a copy of run ``source`` at ``epoch`` (the resumed checkpoint's):
+    its metrics (cut to ``epoch`` when training resumes) and best.pt, so the fork's best epoch is
+    chosen over the shared history and its own epochs. ``source`` is not touched. A fork stopped
+    before its first checkpoint (no last.pt yet) is started again."""
+    if (out / "last.pt").exists():
+        raise ValueError(f"--out {out} already holds a run; continue it with --resume {out}")
+    if not (source / "metrics.json").exists():
+        raise ValueError(f"--resume {source}: no metrics.json beside the checkpoint, so there is no run to fork")
+    best = source / "best.pt"
+    if best.exists():
+        best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"]
+        if best_epoch > epoch:
+            raise ValueError(f"{best} is from epoch {best_epoch}, after the resumed checkpoint's epoch {epoch}: "
+                             f"fork from {source / 'last.pt'} or a later checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "metrics.csv", "best.pt"):
+        if (source / name).exists():
+            _atomic_write(out / name, lambda p, name=name: shutil.copyfile(source / name, p))
