@@ -291,6 +291,30 @@ def test_weight_ema_update():
         T.WeightEMA(net, 1.0)
 
 
+def test_weight_ema_is_the_per_tensor_lerp_bit_for_bit():
+    """WeightEMA (torch's AveragedModel) updates as the hand-written average that the committed
+    runs' checkpoints hold: avg.lerp_(w, 1 - decay) on every state_dict entry, starting from the
+    weights it is made from, frozen time constants (buffers) included; its state_dict has the
+    network's own keys."""
+    from srnn_fast.modules import AdaptiveSRNN
+
+    torch.manual_seed(0)
+    net = AdaptiveSRNN(3, [5], 2, train_tau="none", dense_sizes=[4])
+    ema = T.WeightEMA(net, 0.998)
+    by_hand = {k: v.clone() for k, v in net.state_dict().items()}
+    assert ema.state_dict().keys() == by_hand.keys() and any("tau" in k for k, _ in net.named_buffers())
+    for _ in range(5):
+        with torch.no_grad():
+            for v in net.state_dict().values():
+                v.add_(torch.randn_like(v))
+        ema.update(net)
+        for k, w in net.state_dict().items():
+            by_hand[k].lerp_(w, 1 - 0.998)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, by_hand[k]), k
+        assert not torch.equal(v, net.state_dict()[k]), k
+
+
 @pytest.mark.skipif(not HAVE_WFDB, reason="needs wfdb for the tiny QTDB records")
 def test_ema_run_evaluates_resumes_and_reloads_the_average(data_dir, tmp_path, capsys):
     """--ema: the averaged weights are what is evaluated and checkpointed; resume stays exact."""

@@ -2,7 +2,6 @@
 ``WeightEMA`` is the weight average it can evaluate and checkpoint (``--ema``)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoints import _atomic_write, _checkpoint, _save_csv, _save_json
 from .distributed import _all_sum, _rng_state, _set_rng_state, _world
@@ -31,19 +31,19 @@ class WeightEMA:
         if not 0 < decay < 1:
             raise ValueError(f"ema decay must be in (0, 1); got {decay!r}")
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
+        # torch's AveragedModel does the update (a foreach lerp, bit for bit the per-tensor lerp of
+        # the checkpoints written before it); use_buffers: frozen time constants are averaged too.
+        self._averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        # Its first update copies the weights: taken here, the average starts at them and every step lerps.
+        self._averaged.update_parameters(model)
+        self.model = self._averaged.module.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for avg, w in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if avg.is_floating_point():
-                avg.lerp_(w, 1 - self.decay)
-            else:
-                avg.copy_(w)
+        self._averaged.update_parameters(model)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # the network's own keys: the "ema" of a checkpoint loads into build_model's
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
