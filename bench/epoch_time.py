@@ -43,7 +43,8 @@ import torch
 import srnn_fast
 from srnn_fast import data as data_mod
 from srnn_fast import train as T
-from srnn_fast.train.checkpoints import _find_checkpoint, _save_json
+from srnn_fast._cli import user_errors
+from srnn_fast.train.checkpoints import _save_json
 from srnn_fast.train.cli import _positive
 
 
@@ -105,8 +106,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = T.config_from_args(args, parser)
-    train_ds, test_ds, info = data_mod.build_datasets(cfg["task"], cfg["data_dir"], seed=cfg["data_seed"],
-                                                      **cfg["data"])
+    with user_errors(parser, data_mod.DataError):  # missing or unusable data: one line, as the trainer
+        train_ds, test_ds, info = data_mod.build_datasets(cfg["task"], cfg["data_dir"], seed=cfg["data_seed"],
+                                                          **cfg["data"])
     val_ds = info.pop("val", None)
     cfg.update(input_size=info["input_size"], num_classes=info["num_classes"])
     B = cfg["batch_size"]
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     if n_train < B:
         parser.error(f"the training set ({n_train}) is smaller than one batch ({B})")
     dtype = getattr(torch, cfg["dtype"])
-    checkpoint = torch.load(_find_checkpoint(args.weights), map_location="cpu",
-                            weights_only=False) if args.weights else None
+    with user_errors(parser, FileNotFoundError, ValueError):
+        checkpoint = T.load_checkpoint(T.find_checkpoint(args.weights, "--weights"), "--weights") if args.weights else None
     trained = checkpoint["model"] if checkpoint else None
     nets, opts = {}, {}
     for backend in backends:

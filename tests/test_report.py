@@ -221,15 +221,15 @@ def test_ablation_at_epoch(ablation_runs, tmp_path):
     assert row[9] == "1, 1, 1, 1" and "epochs 1-1" in (out / "ABLATION.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--at-epoch", "3"], "--at-epoch applies to --ablation"),
-    (["--ablation", "--at-epoch", "0"], "--at-epoch must be a positive epoch number"),
-    (["--ablation", "--at-epoch", "3"], "has only 2 epochs"),
+@pytest.mark.parametrize("argv, code, message", [  # 2: a wrong flag (argparse's); 1: what the runs lack
+    (["--at-epoch", "3"], 2, "--at-epoch applies to --ablation"),
+    (["--ablation", "--at-epoch", "0"], 2, "--at-epoch must be a positive epoch number"),
+    (["--ablation", "--at-epoch", "3"], 1, "has only 2 epochs"),
 ])
-def test_ablation_cli_errors(argv, message, ablation_runs, tmp_path, capsys):
+def test_ablation_cli_errors(argv, code, message, ablation_runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.main([str(ablation_runs), "--out", str(tmp_path / "out")] + argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert exc.value.code == code and message in capsys.readouterr().err
 
 
 def test_ablation_skips_figures_without_a_comparison(tmp_path):

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from srnn_fast import train as T
-from srnn_fast.train.steps import _detached
 from srnn_fast.data.synthetic import write_tiny
 from srnn_fast.modules import AdaptiveSRNN
+from srnn_fast.train.steps import _detached
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import epoch_time  # noqa: E402

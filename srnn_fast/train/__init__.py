@@ -64,7 +64,7 @@ schedule), ``cli`` (the command line, ``main``), ``distributed`` (ranks, sums, R
 ``steps`` (loss, optimizer steps, batches, evaluation), ``loop`` (``train``, ``WeightEMA``) and
 ``checkpoints`` (the run folder's files, ``evaluate_checkpoint``, ``fork_run``).
 """
-from .checkpoints import METRIC_FIELDS, evaluate_checkpoint, fork_run
+from .checkpoints import METRIC_FIELDS, evaluate_checkpoint, find_checkpoint, fork_run, load_checkpoint
 from .cli import config_from_args, keep_freed_memory, main, make_parser
 from .loop import WeightEMA, train
 from .model import (ALL_DATA_OPTIONS, BASELINES, DATA_OPTIONS, LATER_SETTINGS, OPTIMIZERS, PRESET_KEYS, PRESETS,
@@ -73,9 +73,9 @@ from .model import (ALL_DATA_OPTIONS, BASELINES, DATA_OPTIONS, LATER_SETTINGS, O
 from .steps import (TBPTT_DECODERS, decay_weights, evaluate, evaluation_rng, global_batches, loss_terms,
                     optimizer_step, train_batch, truncated_bptt_batch)
 
-__all__ = ["ALL_DATA_OPTIONS", "BASELINES", "DATA_OPTIONS", "LATER_SETTINGS", "METRIC_FIELDS", "OPTIMIZERS",
-           "PRESETS", "PRESET_KEYS", "SPIKING", "SRNN_MODELS", "TASKS", "TBPTT_DECODERS", "WeightEMA", "build_model",
+__all__ = ["ALL_DATA_OPTIONS", "BASELINES", "DATA_OPTIONS", "LATER_SETTINGS", "METRIC_FIELDS", "OPTIMIZERS", "PRESETS",
+           "PRESET_KEYS", "SPIKING", "SRNN_MODELS", "TASKS", "TBPTT_DECODERS", "WeightEMA", "build_model",
            "clamp_time_constants", "config_from_args", "decay_weights", "evaluate", "evaluate_checkpoint",
-           "evaluation_rng", "fork_run", "global_batches", "hidden_widths", "keep_freed_memory", "loss_terms", "main",
-           "make_optimizer", "make_parser", "make_scheduler", "optimizer_step", "param_groups", "train", "train_batch",
-           "truncated_bptt_batch"]
+           "evaluation_rng", "find_checkpoint", "fork_run", "global_batches", "hidden_widths", "keep_freed_memory",
+           "load_checkpoint", "loss_terms", "main", "make_optimizer", "make_parser", "make_scheduler", "optimizer_step",
+           "param_groups", "train", "train_batch", "truncated_bptt_batch"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -52,23 +53,32 @@ def _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema):
     return ckpt
 
 
-def _find_checkpoint(path: str) -> Path:
+def find_checkpoint(path: str, flag: str = "--resume", name: str = "last.pt") -> Path:
+    """The checkpoint that ``flag`` names: the file, or a run folder's ``name``."""
     p = Path(path)
     if p.is_dir():
-        p = p / "last.pt"
+        p = p / name
     if not p.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {p} (give a run folder holding last.pt, or the file)")
+        raise FileNotFoundError(f"{flag}: no checkpoint at {p} (give a run folder holding {name}, or the file)")
     return p
+
+
+def load_checkpoint(path: Path, flag: str) -> dict:
+    """A checkpoint written by the trainer; any other file is a ValueError that names it and ``flag``."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # what torch.load meets in other files
+        raise ValueError(f"{flag} {path}: not a checkpoint of srnn_fast.train ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= ckpt.keys():
+        raise ValueError(f"{flag} {path}: not a checkpoint of srnn_fast.train (no model, config and epoch in it)")
+    return ckpt
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict, device: str = "cpu") -> dict:
     """Test (and validation) accuracy, loss and Fr of a checkpoint (a run folder means its
     best.pt), on the run's data with ``data_overrides`` applied (e.g. {"context": 300})."""
-    p = Path(path)
-    p = p / "best.pt" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"--evaluate: no checkpoint at {p} (give a run folder holding best.pt, or the file)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    p = find_checkpoint(path, "--evaluate", "best.pt")
+    ckpt = load_checkpoint(p, "--evaluate")
     cfg = dict(ckpt["config"], device=device)
     unknown = sorted(set(data_overrides) - set(DATA_OPTIONS[cfg["task"]]))
     if unknown:
@@ -98,7 +108,7 @@ def fork_run(source: Path, out: Path, epoch: int) -> None:
         raise ValueError(f"--resume {source}: no metrics.json beside the checkpoint, so there is no run to fork")
     best = source / "best.pt"
     if best.exists():
-        best_epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"]
+        best_epoch = load_checkpoint(best, "--resume")["epoch"]
         if best_epoch > epoch:
             raise ValueError(f"{best} is from epoch {best_epoch}, after the resumed checkpoint's epoch {epoch}: "
                              f"fork from {source / 'last.pt'} or a later checkpoint")

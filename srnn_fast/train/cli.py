@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._cli import user_errors
+from ..data import DataError
 from ..data.mnist import ENCODINGS as MNIST_ENCODINGS
 from ..modules import INIT_STATES, REC_INITS, TRAIN_TAU
-from .checkpoints import _find_checkpoint, evaluate_checkpoint, fork_run
+from .checkpoints import evaluate_checkpoint, find_checkpoint, fork_run, load_checkpoint
 from .distributed import _world
 from .loop import train
 from .model import (ALL_DATA_OPTIONS, BASELINES, DATA_OPTIONS, OPTIMIZERS, PRESET_KEYS, PRESETS, SRNN_MODELS,
@@ -269,13 +271,12 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv=None) -> int:
-    from ..data import DataError
     parser = make_parser()
     args = parser.parse_args(argv)
-    try:
+    # What the user can fix ends in one line: missing or unusable data, no checkpoint or not one,
+    # data options that do not apply, a run that diverged (its message says what to try).
+    with user_errors(parser, DataError, FileNotFoundError, ValueError, FloatingPointError):
         return _run(args, parser)
-    except DataError as e:  # missing, corrupt or unusable data: the message says which file and what to do
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 def _run(args, parser) -> int:
@@ -288,8 +289,8 @@ def _run(args, parser) -> int:
         return 0
     resume = None
     if args.resume:
-        ckpt_path = _find_checkpoint(args.resume)
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt_path = find_checkpoint(args.resume)
+        resume = load_checkpoint(ckpt_path, "--resume")
         cfg = dict(resume["config"])
         for key in ("epochs", "threads"):
             if getattr(args, key) is not None:
