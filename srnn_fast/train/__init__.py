@@ -42,8 +42,10 @@ Per-step tasks (ECG) report ``test_acc`` over every labelled test step and also
 method's ECG test file holds only such sequences (a window crossing a gap in the annotations,
 where beats are unusual or skipped, is not in it).
 
-A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt (checkpoints
-written to a temporary file and renamed). ``build_model(config)`` rebuilds the network from
+A run folder holds config.json, metrics.json, metrics.csv, best.pt and last.pt, each written to a
+temporary file and renamed; an epoch's files commit as a whole, with last.pt (which holds the
+epoch's metrics too) as the commit point, so a run killed at any write resumes to the files an
+uninterrupted run writes (``checkpoints``). ``build_model(config)`` rebuilds the network from
 config.json. Each epoch records its wall time (``time_s``, training + evaluation) and the
 process's CPU time (``cpu_time_s``; on a shared machine the steadier figure). The firing rate
 Fr (spikes per neuron per step over the test set, per hidden layer and overall) is reported

@@ -1,6 +1,11 @@
 """Checkpoints and run folders: what a run folder holds (config.json, metrics.json,
-metrics.csv, best.pt, last.pt), how its files are written (atomically: a temporary file
-renamed), found, evaluated and forked."""
+metrics.csv, best.pt, last.pt), how its files are written, found, evaluated and forked.
+
+An epoch's files commit as a whole. Each file is written atomically (a temporary file renamed),
+and last.pt is written first: it is the commit point, and it holds the epoch's metrics too, so
+whatever a kill leaves unwritten after it (best.pt, metrics.json, metrics.csv) is written again
+from it when the run resumes (``reconcile_run``). A kill before it leaves the previous epoch's
+files, which the resumed run continues from; it trains the lost epoch again, bit for bit."""
 from __future__ import annotations
 
 import csv
@@ -18,11 +23,18 @@ from .steps import evaluate
 METRIC_FIELDS = ("epoch", "loss", "train_acc", "val_acc", "val_loss", "test_acc", "test_loss", "test_acc_full", "fr",
                  "time_s", "cpu_time_s", "lr", "skipped_steps")
 
+_TMP = ".tmp"  # .NAME.tmpPID: the temporary file _atomic_write renames to NAME
+
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """``write(tmp)`` then rename tmp to ``path``: a reader sees the old file or the new one, never
+    part of one; a write that fails leaves the old file and no temporary file (a killed process
+    leaves its temporary file, which ``reconcile_run`` removes)."""
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename: after a machine crash, too, old or new
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -45,12 +57,52 @@ def _save_csv(path: Path, epochs: list) -> None:
     _atomic_write(path, write)
 
 
-def _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema):
+def _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema, metrics):
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "epoch": epoch, "config": cfg, "rng_state": rng, "best_score": best}
+            "epoch": epoch, "config": cfg, "rng_state": rng, "best_score": best,
+            "metrics": metrics}  # the run's metrics up to this epoch: what reconcile_run writes again
     if ema is not None:  # the weights that were evaluated (--evaluate loads them)
         ckpt["ema"] = ema.state_dict()
     return ckpt
+
+
+def commit_epoch(out: Path, ckpt: dict, improved: bool) -> None:
+    """Write an epoch's files into run folder ``out``: last.pt, the commit point, first; then
+    best.pt when the epoch ``improved``, metrics.json and metrics.csv, all from ``ckpt``."""
+    _atomic_write(out / "last.pt", lambda p: torch.save(ckpt, p))
+    if improved:
+        _atomic_write(out / "best.pt", lambda p: torch.save(ckpt, p))
+    _save_metrics(out, ckpt["metrics"])
+
+
+def _save_metrics(out: Path, metrics: dict) -> None:
+    _save_json(out / "metrics.json", metrics)
+    _save_csv(out / "metrics.csv", metrics["epochs"])
+
+
+def resumed_metrics(out: Path, ckpt: dict) -> dict:
+    """The run's metrics as they stood when ``ckpt`` was committed: the ones it holds, or for a
+    checkpoint written before checkpoints held them (the committed runs), the rows of
+    ``out``/metrics.json up to its epoch."""
+    if "metrics" in ckpt:
+        return ckpt["metrics"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["epochs"] = [e for e in metrics["epochs"] if e["epoch"] <= ckpt["epoch"]]
+    return metrics
+
+
+def reconcile_run(out: Path, ckpt: dict, metrics: dict) -> None:
+    """Bring run folder ``out`` to what the run wrote when it committed ``ckpt`` (a kill may have
+    stopped it after that, at any write): best.pt as that epoch left it, metrics.json and
+    metrics.csv from ``metrics`` (``resumed_metrics``), and no temporary file of a killed writer.
+    Idempotent, so a kill while it runs is mended by the next resume."""
+    for tmp in out.glob(f".*{_TMP}[0-9]*"):
+        tmp.unlink()
+    best = out / "best.pt"
+    if metrics["best_epoch"] == ckpt["epoch"] and (
+            not best.exists() or load_checkpoint(best, "--resume")["epoch"] != ckpt["epoch"]):
+        _atomic_write(best, lambda p: torch.save(ckpt, p))  # the epoch improved; killed before best.pt
+    _save_metrics(out, metrics)
 
 
 def find_checkpoint(path: str, flag: str = "--resume", name: str = "last.pt") -> Path:

@@ -2,7 +2,6 @@
 ``WeightEMA`` is the weight average it can evaluate and checkpoint (``--ema``)."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .checkpoints import _atomic_write, _checkpoint, _save_csv, _save_json
+from .checkpoints import _checkpoint, _save_json, commit_epoch, reconcile_run, resumed_metrics
 from .distributed import _all_sum, _rng_state, _set_rng_state, _world
 from .model import _load_data, build_model, clamp_time_constants, make_optimizer, make_scheduler
 from .steps import TBPTT_DECODERS, evaluate, global_batches, train_batch
@@ -95,8 +94,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
         _set_rng_state(rng["ranks"][rank] if world > 1 else rng, loader_gen)
         # "best_test_acc": the key of checkpoints written before validation splits existed
         start_epoch, best = resume["epoch"] + 1, resume.get("best_score", resume.get("best_test_acc"))
-        metrics = json.loads((out / "metrics.json").read_text())
-        metrics["epochs"] = [e for e in metrics["epochs"] if e["epoch"] <= resume["epoch"]]
+        metrics = resumed_metrics(out, resume)
     # After the resumed weights are loaded: an average switched on at resume (--ema) starts from them.
     ema = WeightEMA(model, cfg["ema"]) if cfg.get("ema") else None
     if ema is not None and resume is not None and "ema" in resume:
@@ -104,6 +102,8 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _save_json(out / "config.json", cfg)
+        if resume is not None:  # what a kill after the resumed checkpoint left unwritten
+            reconcile_run(out, resume, metrics)
     net = model
 
     def after_step():  # after every optimizer step taken
@@ -168,12 +168,7 @@ def train(cfg: dict, out: Path, resume: dict = None, quiet: bool = False, time_b
             dist.all_gather_object(ranks, rng)
             rng = dict(ranks[0], ranks=ranks)
         if rank == 0:
-            ckpt = _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema)
-            _atomic_write(out / "last.pt", lambda p: torch.save(ckpt, p))
-            if improved:
-                _atomic_write(out / "best.pt", lambda p: torch.save(ckpt, p))
-            _save_json(out / "metrics.json", metrics)
-            _save_csv(out / "metrics.csv", metrics["epochs"])
+            commit_epoch(out, _checkpoint(model, opt, sched, epoch, cfg, rng, best, ema, metrics), improved)
             fr = "" if entry["fr"] is None else f" Fr {entry['fr']:.4f}"
             va = "" if val is None else f" val_acc {entry['val_acc']:.4f}"
             skip = f" (skipped {skipped} of {steps} steps: non-finite gradients)" if skipped else ""
