@@ -1,11 +1,13 @@
 """A run folder survives a kill at any write (issue 50): the trainer is stopped at each write of
 its run in turn, resumed, and must leave the files an uninterrupted run leaves, bit for bit;
-and what that rests on: _atomic_write, the time budget, a fork's checks, a resumed DDP run."""
+and what that rests on: _atomic_write, the time budget, a fork's checks, a resumed DDP run; and
+every committed run folder restoring exactly into today's trainer."""
 import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from srnn_fast.train.checkpoints import _atomic_write
 ARGS = ["--task", "smnist", "--encoding", "window", "--window", "28", "--batch-size", "16", "--val-fraction", "0.25",
         "--threads", "1", "--quiet", "--epochs", "4"]
 FILES = ["best.pt", "config.json", "last.pt", "metrics.csv", "metrics.json"]
+COMMITTED_RUNS = sorted(p.parent for p in (Path(__file__).parent.parent / "results" / "runs").glob("*/last.pt"))
 
 
 class Killed(BaseException):
@@ -242,3 +245,36 @@ def test_ddp_resume_is_bit_exact(data_dir, tmp_path):
     timeless = [{k: v for k, v in e.items() if k not in ("time_s", "cpu_time_s")} for e in full["metrics"]["epochs"]]
     _equal([{k: v for k, v in e.items() if k not in ("time_s", "cpu_time_s")} for e in part["metrics"]["epochs"]],
            timeless, "metrics")
+
+
+@pytest.mark.skipif(not COMMITTED_RUNS, reason="no committed run folders beside the tests")
+@pytest.mark.parametrize("run_dir", COMMITTED_RUNS, ids=lambda p: p.name)
+def test_committed_run_folders_restore_exactly(run_dir):
+    """Every committed run folder's last.pt restores into today's trainer as --resume restores it:
+    network, weight average, optimizer, schedule and RNG state load strictly and read back equal,
+    bit for bit (so a resumed epoch starts where the run stopped)."""
+    from srnn_fast.train.distributed import _rng_state, _set_rng_state
+
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    cfg = ckpt["config"]
+    model = T.build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    opt = T.make_optimizer(model, cfg)
+    sched = T.make_scheduler(opt, cfg)  # made before the loads, as train() does: it sets the lr of epoch 0
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    _equal(model.state_dict(), ckpt["model"], "model")
+    _equal(opt.state_dict(), ckpt["optimizer"], "optimizer")
+    _equal({k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+           {k: v for k, v in ckpt["scheduler"].items() if k != "lr_lambdas"}, "scheduler")
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
+    assert ("ema" in ckpt) == bool(cfg.get("ema"))
+    if cfg.get("ema"):
+        ema = T.WeightEMA(model, cfg["ema"])
+        ema.load_state_dict(ckpt["ema"])
+        _equal(ema.state_dict(), ckpt["ema"], "ema")
+    gen = torch.Generator()
+    with torch.random.fork_rng():
+        state = ckpt["rng_state"]
+        _set_rng_state(state, gen)
+        _equal(_rng_state(gen), {**state, "cuda": _rng_state(gen)["cuda"]}, "rng_state")
