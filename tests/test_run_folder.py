@@ -143,6 +143,26 @@ def test_killed_at_any_write_resumes_to_the_uninterrupted_run(n, data_dir, refer
     _assert_same_run(out, ref)
 
 
+@pytest.mark.parametrize("k", range(1, 5))
+def test_killed_again_while_resuming(k, data_dir, reference, tmp_path, monkeypatch):
+    """Killed during epoch 2's best.pt (after its last.pt), then killed again during the k-th write
+    of the resume that mends the folder (config.json, best.pt, metrics.json, metrics.csv): the
+    next resume still ends as the uninterrupted run."""
+    ref, writes = reference
+    out = tmp_path / "run"
+    real = checkpoints._atomic_write
+    monkeypatch.setattr(checkpoints, "_atomic_write", _killed_at(7, real))
+    with pytest.raises(Killed, match="write 7: best.pt"):
+        _train(data_dir, out)
+    monkeypatch.setattr(checkpoints, "_atomic_write", _killed_at(k, real))
+    with pytest.raises(Killed, match=f"write {k}: " + ["config.json", "best.pt", "metrics.json", "metrics.csv"][k - 1]):
+        T.main(["--resume", str(out), "--quiet"])
+    monkeypatch.setattr(checkpoints, "_atomic_write", real)
+    monkeypatch.setattr(loop, "time", Clock())
+    assert T.main(["--resume", str(out), "--quiet"]) == 0
+    _assert_same_run(out, ref)
+
+
 def test_sigkilled_after_the_commit_point_resumes_to_the_uninterrupted_run(data_dir, reference, tmp_path):
     """A real SIGKILL in the window of issue 50: epoch 2's last.pt committed, its best.pt and metrics
     not yet written. The resumed folder equals the uninterrupted run's."""
