@@ -1,7 +1,8 @@
 """Smoke test of an installed srnn_fast (.ci/package_check runs it in a fresh venv, from a
 folder outside the source tree): the package imported is the installed one, its compiled
-ops load, and a small float64 scan on the C++ kernels equals the reference, on every CPU
+ops load, its MIT license came with it, and a small float64 scan on the C++ kernels equals the reference, on every CPU
 build this machine runs. Exits non-zero on any failure."""
+import importlib.metadata
 import os
 import pathlib
 
@@ -19,6 +20,10 @@ assert _ops.EXTENSION_ERROR is None, f"the compiled extension did not load: {_op
 for op in ("scan_fwd", "scan_bwd", "grad_w_rec", "layer_fwd", "layer_bwd"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"srnn_fast::{op}", "CPU"), f"no CPU kernel for {op}"
 assert "cpp" in srnn_fast.available_backends(), srnn_fast.available_backends()
+# The wheel carries its license: named in the metadata, its text installed with the package.
+assert importlib.metadata.metadata("srnn_fast")["License-Expression"] == "MIT"
+licenses = [f for f in importlib.metadata.files("srnn_fast") if f.name == "LICENSE"]
+assert len(licenses) == 1 and "MIT License" in licenses[0].read_text(), licenses
 
 # A small adaptive-neuron scan in float64, H not a multiple of 32 (partial spike-bit words).
 T, B, H = 40, 3, 37

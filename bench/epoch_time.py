@@ -43,6 +43,9 @@ import torch
 import srnn_fast
 from srnn_fast import data as data_mod
 from srnn_fast import train as T
+from srnn_fast._cli import user_errors
+from srnn_fast.train.checkpoints import _save_json
+from srnn_fast.train.cli import _positive
 
 
 def _clock() -> tuple:
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cpp,reference",
                         help="comma-separated backends to compare; a backend named with '+ftz' (e.g. reference+ftz) "
                              "runs with torch.set_flush_denormal(True), to tell what subnormal numbers cost it")
-    parser.add_argument("--batches", type=T._positive(int), default=30, help="timed batches per backend")
+    parser.add_argument("--batches", type=_positive(int), default=30, help="timed batches per backend")
     parser.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     parser.add_argument("--weights", metavar="RUN",
                         help="start every backend from this run's trained weights (its last.pt, or a checkpoint "
@@ -103,8 +106,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = T.config_from_args(args, parser)
-    train_ds, test_ds, info = data_mod.build_datasets(cfg["task"], cfg["data_dir"], seed=cfg["data_seed"],
-                                                      **cfg["data"])
+    with user_errors(parser, data_mod.DataError):  # missing or unusable data: one line, as the trainer
+        train_ds, test_ds, info = data_mod.build_datasets(cfg["task"], cfg["data_dir"], seed=cfg["data_seed"],
+                                                          **cfg["data"])
     val_ds = info.pop("val", None)
     cfg.update(input_size=info["input_size"], num_classes=info["num_classes"])
     B = cfg["batch_size"]
@@ -112,8 +116,8 @@ def main(argv=None) -> int:
     if n_train < B:
         parser.error(f"the training set ({n_train}) is smaller than one batch ({B})")
     dtype = getattr(torch, cfg["dtype"])
-    checkpoint = torch.load(T._find_checkpoint(args.weights), map_location="cpu",
-                            weights_only=False) if args.weights else None
+    with user_errors(parser, FileNotFoundError, ValueError):
+        checkpoint = T.load_checkpoint(T.find_checkpoint(args.weights, "--weights"), "--weights") if args.weights else None
     trained = checkpoint["model"] if checkpoint else None
     nets, opts = {}, {}
     for backend in backends:
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
             ratio = result["backends"][other]["cpu"]["epoch_s"] / result["backends"][first]["cpu"]["epoch_s"]
             print(f"{other} / {first}: {ratio:.2f}x the CPU time per epoch")
     if args.json_out:
-        T._save_json(Path(args.json_out), result)
+        _save_json(Path(args.json_out), result)
     return 0
 
 

@@ -39,6 +39,8 @@ from typing import Optional
 
 import torch
 
+from ._cli import user_errors
+from .data.common import DataError
 from .energy import EnergyCosts, compare_table, estimate_energy, measure_ops
 from .train import LATER_SETTINGS, SRNN_MODELS, evaluation_rng
 
@@ -741,7 +743,7 @@ def write_report(paths, out: Path, *, costs: EnergyCosts = EnergyCosts(), measur
             if measure and trained is not None and r.model in SPIKING and r.fr is not None:
                 try:
                     measured.append(measure_run(r, trained, data_dir, measure_limit, batch_size, costs))
-                except (OSError, ValueError) as e:  # the data are missing here: say so in the report
+                except (OSError, ValueError, DataError) as e:  # the data are missing here: say so in the report
                     measured.append(f"**{r.name}**: not measured ({type(e).__name__}: {e})")
     if measure:
         md += ["## Measured operations vs the formula", "",
@@ -781,20 +783,14 @@ def main(argv=None) -> int:
         p.error("--at-epoch applies to --ablation")
     if args.at_epoch is not None and args.at_epoch < 1:
         p.error(f"--at-epoch must be a positive epoch number; got {args.at_epoch}")
-    if args.ablation:
-        try:
+    # a run folder missing or incomplete, an epoch it does not have: one line, not a traceback
+    with user_errors(p, FileNotFoundError, ValueError, KeyError, DataError):
+        if args.ablation:
             path = write_ablation(args.runs, Path(args.out), at_epoch=args.at_epoch, command=command)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            p.error(str(e))
-        print(f"wrote {path}")
-        return 0
-    try:
-        costs = EnergyCosts(args.e_mac, args.e_ac)
-        path = write_report(args.runs, Path(args.out), costs=costs, measure=args.measure, data_dir=args.data_dir,
-                            measure_limit=args.measure_limit, batch_size=args.batch_size, title=args.title,
-                            command=command)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        p.error(str(e))
+        else:
+            path = write_report(args.runs, Path(args.out), costs=EnergyCosts(args.e_mac, args.e_ac),
+                                measure=args.measure, data_dir=args.data_dir, measure_limit=args.measure_limit,
+                                batch_size=args.batch_size, title=args.title, command=command)
     print(f"wrote {path}")
     return 0
 

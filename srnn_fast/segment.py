@@ -66,6 +66,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._cli import user_errors
 from .data.common import DataError
 from .data.qtdb import (CLASSES, N_LEADS, P, QR, RS, ST, normalise, pick_channels, read_signal,
                         segment_labels)
@@ -81,17 +82,14 @@ PEAK_SYMBOL = {P: "p", ST: "t"}  # P and T waves; a QRS complex is written as "N
 def load_run(path, device: str = "cpu"):
     """(model in eval mode, config) of an ECG run folder (its best.pt) or checkpoint file,
     with the weights that were evaluated in training (the weight average where there is one)."""
-    from .train import build_model
+    from .train import build_model, find_checkpoint, load_checkpoint
 
-    p = pathlib.Path(path)
-    p = p / "best.pt" if p.is_dir() else p
-    if not p.is_file():
-        raise FileNotFoundError(f"--checkpoint: no checkpoint at {p} (give a run folder holding best.pt, or the file)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not cfg or cfg.get("task") != "ecg" or cfg.get("decode") != "per_step":
+    p = find_checkpoint(path, "--checkpoint", "best.pt")
+    ckpt = load_checkpoint(p, "--checkpoint")
+    cfg = ckpt["config"]
+    if cfg.get("task") != "ecg" or cfg.get("decode") != "per_step":
         raise ValueError(f"--checkpoint {p}: not an ECG run of srnn_fast.train (per-step labels); its task is "
-                         f"{cfg and cfg.get('task')!r}")
+                         f"{cfg.get('task')!r}")
     model = build_model(cfg)
     model.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return model.to(device).eval(), cfg
@@ -587,10 +585,8 @@ def _table(summaries: list, columns: list) -> str:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    try:
+    with user_errors(parser, DataError, FileNotFoundError, ValueError, ImportError):
         return _run(args, parser)
-    except (DataError, FileNotFoundError, ValueError, ImportError) as e:
-        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 def _run(args, parser) -> int:

@@ -93,10 +93,12 @@ def test_sdist_carries_what_a_build_needs(tmp_path):
     with tarfile.open(sdist) as tar:
         # "srnn_fast-0.1.0/csrc/x.h" -> "csrc/x.h"
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        pkg_info = tar.extractfile(f"{sdist.name.removesuffix('.tar.gz')}/PKG-INFO").read().decode()
+    assert "\nLicense-Expression: MIT\n" in pkg_info and "\nLicense-File: LICENSE\n" in pkg_info, pkg_info
     wanted = ["README.md", "pyproject.toml", "setup.py", "MANIFEST.in"]
-    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "srnn_fast/*.py", "srnn_fast/data/*.py",
-                    "srnn_fast/triton_kernels/*.py", "LICENSE*"):
-        wanted += [os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, pattern))]
+    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "srnn_fast/**/*.py", "LICENSE"):
+        wanted += [os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
+    assert "LICENSE" in wanted and "srnn_fast/train/loop.py" in wanted
     assert any(w.endswith(".cu") for w in wanted) and any(w.endswith(".h") for w in wanted)
     missing = sorted(set(wanted) - names)
     assert not missing, f"missing from the sdist: {missing}"

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("matplotlib")
 from srnn_fast import report, train  # noqa: E402
 from srnn_fast.energy import estimate_energy  # noqa: E402
+from srnn_fast.train.checkpoints import _save_csv, _save_json  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -116,7 +117,7 @@ def test_report_without_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# --ablation: groups of runs, written by hand in train.py's format (its own writers)
+# --ablation: groups of runs, written by hand in the trainer's format (its own writers)
 # ---------------------------------------------------------------------------------------
 def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0, val=(0.5, 0.6), test=(0.4, 0.5),
              fr=(0.1, 0.2), task="ecg", **extra):
@@ -145,9 +146,9 @@ def fake_run(root, name, model="adaptive", hidden=(36,), train_tau="all", seed=0
                "wall_time_s": 1.0, "params": 1000, "selected_on": "val" if val is not None else "test"}
     if val is not None:
         metrics["best_val_acc"] = val[best]
-    train._save_json(out / "config.json", cfg)
-    train._save_json(out / "metrics.json", metrics)
-    train._save_csv(out / "metrics.csv", epochs)
+    _save_json(out / "config.json", cfg)
+    _save_json(out / "metrics.json", metrics)
+    _save_csv(out / "metrics.csv", epochs)
     return out
 
 
@@ -220,15 +221,15 @@ def test_ablation_at_epoch(ablation_runs, tmp_path):
     assert row[9] == "1, 1, 1, 1" and "epochs 1-1" in (out / "ABLATION.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--at-epoch", "3"], "--at-epoch applies to --ablation"),
-    (["--ablation", "--at-epoch", "0"], "--at-epoch must be a positive epoch number"),
-    (["--ablation", "--at-epoch", "3"], "has only 2 epochs"),
+@pytest.mark.parametrize("argv, code, message", [  # 2: a wrong flag (argparse's); 1: what the runs lack
+    (["--at-epoch", "3"], 2, "--at-epoch applies to --ablation"),
+    (["--ablation", "--at-epoch", "0"], 2, "--at-epoch must be a positive epoch number"),
+    (["--ablation", "--at-epoch", "3"], 1, "has only 2 epochs"),
 ])
-def test_ablation_cli_errors(argv, message, ablation_runs, tmp_path, capsys):
+def test_ablation_cli_errors(argv, code, message, ablation_runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         report.main([str(ablation_runs), "--out", str(tmp_path / "out")] + argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert exc.value.code == code and message in capsys.readouterr().err
 
 
 def test_ablation_skips_figures_without_a_comparison(tmp_path):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from srnn_fast import train as T
 from srnn_fast.data.synthetic import write_tiny
 from srnn_fast.modules import AdaptiveSRNN
+from srnn_fast.train.steps import _detached
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import epoch_time  # noqa: E402
@@ -62,7 +63,7 @@ def test_each_step_backpropagates_through_its_chunk_only(decode):
         o, state = x.new_zeros(B, 0, C), None
         if t_cut:
             o, state = net.stream(x[:, :t_cut])
-        o1, _ = net.stream(x[:, t_cut:t_end], T._detached(state))
+        o1, _ = net.stream(x[:, t_cut:t_end], _detached(state))
         _mean_ce(_decoded(torch.cat([o.detach(), o1], 1), decode), y).backward()
         return _grads(net)
 

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from srnn_fast import train as T
+from srnn_fast.train.model import _load_data
 from srnn_fast._checks import SRNNState
 from srnn_fast.modules import SRNNLayer
 
@@ -16,7 +17,7 @@ def main(path: str, n: int = 500) -> None:
     torch.set_num_threads(1)
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = dict(ckpt["config"], device="cpu")
-    _, _, info = T._load_data(cfg)
+    _, _, info = _load_data(cfg)
     val = info["val"]
     model = T.build_model(cfg)
     model.load_state_dict(ckpt["model"])

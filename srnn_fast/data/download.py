@@ -29,6 +29,7 @@ import tempfile
 import urllib.error
 import urllib.request
 
+from .._cli import user_errors
 from ._checksums import MNIST_CONTENT_SHA256, QTDB_SHA256
 from .common import DataError, resolve_data_dir
 
@@ -148,13 +149,10 @@ def main(argv=None) -> int:
     parser.add_argument("--verify", action="store_true", help="only check the files already there")
     args = parser.parse_args(argv)
     tasks = ("qtdb", "mnist", "shd") if args.task == "all" else (args.task,)
-    try:
+    with user_errors(parser, DataError):
         for task in tasks:
             folder = download(task, args.data_dir, verify_only=args.verify)
             print(f"{task}: {len(plan(task))} files OK in {folder}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 
