@@ -23,7 +23,7 @@ LATER_SETTINGS = {"train_tau": "all", "dense_sizes": [], "rec_init": "orthogonal
 # spiking readout whose spike counts are the logits, Adam lr 1e-2 (time constants at 2x), batch
 # 200, MultiStepLR halving at epochs 25, 50, 100, 150, 200 epochs. Added here: the gradient
 # clipped to norm 1 (layer 1's BPTT gradient can burst by 1e3-1e5 and overflow float32 over 784
-# steps; results/TASKS.md). As in the method's code the initial membranes are U(0, 1) in
+# steps; results/journal/mnist.md). As in the method's code the initial membranes are U(0, 1) in
 # evaluation too: a PS-MNIST network trained on random starts scored 31 % from u = 0 and 61 %
 # from random starts (training accuracy 67 %). The method's second network: 40 fields -> 256 -> 128.
 _MNIST = dict(tasks=("smnist", "psmnist"), hidden_sizes=[120, 100], readout="spiking", decode="count",
@@ -53,7 +53,7 @@ PRESETS = {
     # The input, neurons and truncated BPTT of the method's later PS-MNIST script (binarised pixels,
     # a window of 4 moved by one pixel; b0 0.01, adaptation N(200, 25); recurrent 64 -> 256; a step
     # every 100 time steps: over all 784 the BPTT gradient grows to ~1e21 within 3 epochs,
-    # results/TASKS.md); trained as above otherwise.
+    # results/journal/mnist.md); trained as above otherwise.
     "psmnist_64_256": dict(_MNIST, hidden_sizes=[64, 256], tau_adp_init=[200.0, 25.0], b0=0.01, tbptt=100,
                            data={"encoding": "sliding", "window": 4}),
     # The rest of that script too: a dense adaptive layer of 256 after the recurrent ones, recurrent
