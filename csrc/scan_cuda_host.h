@@ -94,6 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_fwd_
   TORCH_CHECK(T_ * B * H < std::numeric_limits<int64_t>::max() / 8, "srnn_fast: x_proj is too large: ",
               describe(x_proj));
   const gpu::DeviceGuard guard(x_proj.device());
+  // Below autograd: the stepwise path's GEMMs write into buffers (at::mm_out), which autograd
+  // refuses where an input requires grad (a direct call of the op; autograd.Function calls
+  // it without grad).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const at::Tensor x = x_proj.contiguous(), w = w_rec.contiguous(), a = alpha.contiguous(), r = rho.contiguous();
   const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
@@ -189,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_input(u_seq, "u_seq", {T_, B, H}, "[T, B, H]", dt_, dev);
   check_backward_inputs(grad_s, grad_u_T, grad_eta_T, spikes, binary, T_, B, H, dt_, dev);
   const gpu::DeviceGuard guard(dev);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as scan_fwd_gpu
 
   const at::Tensor gs = grad_s.contiguous(), gu = grad_u_T.contiguous(), ge = grad_eta_T.contiguous();
   const at::Tensor w = w_rec.contiguous(), a = alpha.contiguous(), r = rho.contiguous();

@@ -232,10 +232,13 @@ PyObject* plan(PyObject*, PyObject* args) {
 
 PyObject* selftest(PyObject*, PyObject* args) {
   const char* name;
-  int blocks, threads;
-  if (!PyArg_ParseTuple(args, "sii", &name, &blocks, &threads)) return nullptr;
+  int blocks, threads, every_schedule = 0;
+  if (!PyArg_ParseTuple(args, "sii|p", &name, &blocks, &threads, &every_schedule)) return nullptr;
   try {
-    const at::Tensor out = run_selftest(name, blocks, threads);
+    // every_schedule: as the scan ops run, under each schedule of the list, compared.
+    const at::Tensor out = every_schedule ? std::get<0>(under_every_schedule("selftest", [&] {
+      return std::make_tuple(run_selftest(name, blocks, threads));
+    })) : run_selftest(name, blocks, threads);
     PyObject* list = PyList_New(Py_ssize_t(out.numel()));
     if (list == nullptr) return nullptr;
     const double* p = out.data_ptr<double>();
@@ -268,7 +271,7 @@ PyMethodDef methods[] = {
     {"launch_log", launch_log, METH_NOARGS, "[(kernel, grid, block, smem, count)] since the last clear."},
     {"clear_launch_log", clear_launch_log, METH_NOARGS, "Empties the launch log."},
     {"plan", plan, METH_VARARGS, "plan(B, H, double, forward) -> (rows, grid, block_x, smem) on the emulated device."},
-    {"selftest", selftest, METH_VARARGS, "selftest(kernel, blocks, threads) -> output list, or RuntimeError."},
+    {"selftest", selftest, METH_VARARGS, "selftest(kernel, blocks, threads, every_schedule=False) -> output list, or RuntimeError."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
