@@ -94,7 +94,7 @@ def test_sdist_carries_what_a_build_needs(tmp_path):
         # "srnn_fast-0.1.0/csrc/x.h" -> "csrc/x.h"
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     wanted = ["README.md", "pyproject.toml", "setup.py", "MANIFEST.in"]
-    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "srnn_fast/*.py", "srnn_fast/data/*.py",
+    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "csrc/*.cuh", "csrc/sim/*", "srnn_fast/*.py", "srnn_fast/data/*.py",
                     "srnn_fast/triton_kernels/*.py", "LICENSE*"):
         wanted += [os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, pattern))]
     assert any(w.endswith(".cu") for w in wanted) and any(w.endswith(".h") for w in wanted)
