@@ -141,3 +141,29 @@ def test_cuda_tensors_are_refused():
     with pytest.raises(ValueError, match="backend 'cuda_sim' runs on cpu tensors"):
         srnn_fast.srnn_scan(x, torch.eye(3, device="cuda"), torch.ones(3, device="cuda"), torch.ones(3, device="cuda"),
                             backend="cuda_sim")
+
+
+def _scan_case(T, B, H, seed, **kw):
+    from scan_cases import check_float64, fused, make_case, reference
+
+    inputs, upstream = make_case(T, B, H, torch.float64, "cpu", seed)
+    check_float64(fused(inputs, upstream, "cuda_sim", **kw), reference(inputs, upstream, **kw))
+
+
+@pytest.mark.parametrize("H", [37, 200], ids=["persistent", "stepwise"])
+def test_scan_identical_under_shuffled_schedules(H):
+    """Four thread orders between barriers (two shuffles) give the same bits, several rows
+    per block included (5 SMs for 13 rows: 3 rows a block, the last with 1)."""
+    with cuda_sim.emulated_device(sms=5), cuda_sim.schedules("ascending", "reversed", "shuffled:1", "shuffled:2"):
+        _scan_case(6, 13, H, seed=3, neuron="relu" if H == 200 else "adaptive")
+
+
+def test_a100_limits_take_the_stepwise_path_earlier():
+    """H 150 in float64 fits an H100 block's shared memory, not an A100's: the same call
+    takes the persistent path on one emulated device and the stepwise path on the other,
+    both exact."""
+    for limits, kernel in ((cuda_sim.SM90, "fwd_persistent_kernel"), (cuda_sim.SM80, "fwd_step_kernel")):
+        cuda_sim.clear_launches()
+        with cuda_sim.emulated_device(**limits):
+            _scan_case(5, 3, 150, seed=4)
+        assert kernel in {launch.kernel.split("<")[0] for launch in cuda_sim.launches()}

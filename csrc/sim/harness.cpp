@@ -182,11 +182,13 @@ struct BlockRun {
   Fiber* running = nullptr;
   const std::function<void()>* body = nullptr;
   std::string fault;  // set by a thread that broke a rule; the scheduler throws it
-#ifdef SRNN_ASAN
-  const void* sched_stack_bottom = nullptr;
-  size_t sched_stack_size = 0;
-#endif
 };
+
+#ifdef SRNN_ASAN
+// The scheduler's stack, as ASan reports it to each fiber switched to from there.
+thread_local const void* g_sched_stack_bottom = nullptr;
+thread_local size_t g_sched_stack_size = 0;
+#endif
 
 thread_local BlockRun* g_block = nullptr;
 std::vector<std::unique_ptr<Fiber>> g_fibers;  // the pool, reused across launches
@@ -207,15 +209,16 @@ std::string where(const BlockRun& b, const Fiber& f) {
          fmt3(f.ts.thread_idx.x, f.ts.thread_idx.y, f.ts.thread_idx.z);
 }
 
+// The fiber side of a switch. Nothing of the BlockRun is used after it: the fiber may be
+// resumed by a later block or launch.
 void to_scheduler(Fiber& f) {
-  BlockRun& b = *g_block;
 #ifdef SRNN_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, b.sched_stack_bottom, b.sched_stack_size);
+  __sanitizer_start_switch_fiber(&fake, g_sched_stack_bottom, g_sched_stack_size);
 #endif
-  switch_context(f.ctx, b.scheduler);
+  switch_context(f.ctx, g_block->scheduler);
 #ifdef SRNN_ASAN
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(fake, &g_sched_stack_bottom, &g_sched_stack_size);
 #endif
 }
 
@@ -227,7 +230,7 @@ void to_fiber(BlockRun& b, Fiber& f) {
 #endif
   switch_context(b.scheduler, f.ctx);
 #ifdef SRNN_ASAN
-  __sanitizer_finish_switch_fiber(fake, &b.sched_stack_bottom, &b.sched_stack_size);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
   b.running = nullptr;
 }
@@ -244,7 +247,7 @@ void to_fiber(BlockRun& b, Fiber& f) {
 
 void fiber_main(Fiber* f) {
 #ifdef SRNN_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, &g_block->sched_stack_bottom, &g_block->sched_stack_size);
+  __sanitizer_finish_switch_fiber(nullptr, &g_sched_stack_bottom, &g_sched_stack_size);
 #endif
   for (;;) {
     std::string error;
