@@ -3,7 +3,9 @@
 The C++ (CPU) part is always built. The CUDA part is built where torch has CUDA and nvcc
 is found, or as SRNN_FAST_BUILD_CUDA says: "auto" (default), "0" (never), "1" (always;
 fails loudly without nvcc). SRNN_FAST_CUDA_ARCHS sets the targets (default "9.0;8.0").
-Compiling prints one line saying what it builds. Packaging the sources (python -m build
+SRNN_FAST_BUILD_SIM ("auto": on Linux; "0"; "1") builds srnn_fast._cuda_sim, the CUDA kernels run
+by a CPU harness for the tests (backend "cuda_sim"); SRNN_FAST_SIM_SANITIZE=1 builds it with
+AddressSanitizer and UBSan. Compiling prints one line saying what it builds. Packaging the sources (python -m build
 --sdist, egg_info) needs no torch; compiling without torch stops with the command to run.
 """
 import glob
@@ -111,10 +113,25 @@ elif cpp_sources:
     if not build_cuda:
         ext = CppExtension("srnn_fast._C", cpp_sources, extra_compile_args=cxx, **kwargs)
     ext_modules = [ext]
+    # The CUDA path's harness (csrc/sim): fibers need <ucontext.h>, i.e. Linux/glibc. Its own
+    # module, so that the package imports, and backend "cuda_sim" says why, where it is absent.
+    sim_mode = os.environ.get("SRNN_FAST_BUILD_SIM", "auto")
+    if sim_mode not in ("auto", "0", "1"):
+        raise SystemExit(f"SRNN_FAST_BUILD_SIM must be auto, 0 or 1; got {sim_mode!r}")
+    build_sim = sim_mode == "1" or (sim_mode == "auto" and platform.system() == "Linux")
+    if build_sim:
+        sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"] \
+            if os.environ.get("SRNN_FAST_SIM_SANITIZE") == "1" else []
+        ext_modules.append(CppExtension(
+            "srnn_fast._cuda_sim", sorted(glob.glob("csrc/sim/*.cpp")),
+            extra_compile_args=["-O2" if sanitize else "-O3", "-ffp-contract=off", "-Wno-psabi", "-Wno-unknown-pragmas"] + sanitize,
+            extra_link_args=sanitize, py_limited_api=False))
+    sim_note = ("yes" + (" (ASan + UBSan)" if os.environ.get("SRNN_FAST_SIM_SANITIZE") == "1" else "")
+                if build_sim else f"no ({'SRNN_FAST_BUILD_SIM=0' if sim_mode == '0' else platform.system() + ': needs Linux'})")
     isas = ("avx512, avx2, default (x86-64)" if x86_isas()
             else f"default ({platform.machine()}: the portable build only)")
     # One line saying what is compiled, printed when it is (not by sdist or egg_info).
-    summary = f"srnn_fast: building the CPU kernels for {isas}; CUDA kernels: {cuda_note}; torch {torch.__version__}"
+    summary = f"srnn_fast: building the CPU kernels for {isas}; CUDA kernels: {cuda_note}; CUDA harness (cuda_sim): {sim_note}; torch {torch.__version__}"
 
     class SummaryBuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
         def run(self):

@@ -2,10 +2,12 @@
 # One-shot check on a machine with a CUDA GPU and no internet, using the torch (and triton)
 # already installed there:
 #   1. builds srnn_fast._C with the CUDA kernels against that torch,
-#   2. logs the CUDA kernels' registers, spills and shared memory (srnn_fast.cuda_resources),
-#   3. runs the GPU tests (cuda and triton backends; they must not skip),
-#   4. runs bench/run.py on the task shapes on the GPU,
-#   5. runs the rest of the test suite,
+#   2. runs `python -m srnn_fast check` first (every backend against the reference on small
+#      cases, seconds): the first verdict on the CUDA kernels, before anything else can fail,
+#   3. logs the CUDA kernels' registers, spills and shared memory (srnn_fast.cuda_resources),
+#   4. runs the GPU tests (cuda and triton backends; they must not skip),
+#   5. runs bench/run.py on the task shapes on the GPU,
+#   6. runs the rest of the test suite (the CUDA cases on the CPU harness cuda_sim included),
 # writing logs and JSON into OUTDIR, and prints a short table last. A failing step is
 # logged and the next one still runs; the exit status is non-zero if any step failed.
 # The whole script keeps to a time budget (GPU_CHECK_BUDGET_S, default 460 s); steps
@@ -62,6 +64,8 @@ export SRNN_FAST_BUILD_CUDA=1 SRNN_FAST_CUDA_ARCHS="${SRNN_FAST_CUDA_ARCHS:-9.0}
 run_step build 200 bash -c "$PY -m pip install --no-deps --no-build-isolation --no-index -e . ||
   { echo 'pip install -e . failed; building in place instead'; $PY setup.py build_ext --inplace; }"
 
+run_step check 60 $PY -m srnn_fast check
+
 run_step import 60 $PY -c "
 import torch, srnn_fast, srnn_fast._C
 for op in ('scan_fwd', 'scan_bwd'):
@@ -71,12 +75,12 @@ print('backends:', srnn_fast.available_backends())"
 run_step resources 60 $PY -m srnn_fast.cuda_resources
 
 # GPU tests first, in their own step, so that nothing else can starve or stop them.
-run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_triton.py -q -rs -p no:cacheprovider
+run_step gpu_tests 150 $PY -m pytest tests/test_cuda.py tests/test_triton.py -q -rs -p no:cacheprovider \
+  -k "not cuda_sim"
 
 run_step bench 150 $PY bench/run.py --device cuda --out "$OUT"
 
-run_step tests 150 $PY -m pytest tests -q -rs -p no:cacheprovider \
-  --ignore=tests/test_cuda.py --ignore=tests/test_triton.py
+run_step tests 150 $PY -m pytest tests -q -rs -p no:cacheprovider -m "not gpu" --ignore=tests/test_triton.py
 
 failed=0
 for st in "${statuses[@]}"; do [ "$st" = ok ] || failed=1; done

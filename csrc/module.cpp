@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu_isa.h"
+#include "scan_schemas.h"
 
 namespace {
 
@@ -67,18 +68,8 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(srnn_fast, m) {
-  // Contract: srnn_fast/scan.py. alpha = exp(-dt/tau_m), rho = exp(-dt/tau_adp), [H].
-  // need_grad_tau = false (frozen time constants): grad_alpha and grad_rho come back [0],
-  // and kernels may skip the work that makes them.
-  m.def(
-      "scan_fwd(Tensor x_proj, Tensor w_rec, Tensor alpha, Tensor rho, Tensor u0, Tensor eta0, Tensor s0, "
-      "bool binary, float b0, float beta, float dt, float r_m, bool save) "
-      "-> (Tensor s, Tensor u_T, Tensor eta_T, Tensor u_seq, Tensor spk_bits)");
-  m.def(
-      "scan_bwd(Tensor grad_s, Tensor grad_u_T, Tensor grad_eta_T, Tensor w_rec, Tensor alpha, Tensor rho, "
-      "Tensor u0, Tensor eta0, Tensor s0, Tensor u_seq, Tensor spikes, bool binary, int surrogate, float b0, "
-      "float beta, float dt, float r_m, float sigma, float gamma, bool need_grad_tau=True) "
-      "-> (Tensor grad_x, Tensor grad_alpha, Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
+  m.def(srnn::kScanFwdSchema);  // scan_schemas.h
+  m.def(srnn::kScanBwdSchema);
   // Optional: dW_rec [H,H] = sum_t grad_x[t]^T s_{t-1} straight from the spike bits
   // [T,B,ceil(H/32)] (s_0 = s0), accumulating dI rows over the active columns only.
   // Backends without it unpack the bits and run one GEMM in Python (scan.py).

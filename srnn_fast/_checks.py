@@ -12,7 +12,7 @@ import torch
 
 NEURONS = ("adaptive", "lif", "relu")
 SURROGATES = ("gaussian", "multi_gaussian")
-BACKENDS = ("auto", "cuda", "triton", "cpp", "reference")
+BACKENDS = ("auto", "cuda", "triton", "cpp", "reference", "cuda_sim")
 # Default threshold adaptation strength per neuron type (beta=None).
 DEFAULT_BETA = {"adaptive": 1.8, "lif": 0.0, "relu": 0.0}
 STATE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -56,6 +56,12 @@ def _extension() -> str:
     return f"loaded, {' + '.join(kernels)} kernels ({_C.__file__})"
 
 
+def _cuda_sim() -> str:
+    from . import cuda_sim
+
+    return cuda_sim.describe()
+
+
 def _cpu_in_use() -> str:
     from . import _ops
     from .scan import cpu_capability
@@ -120,6 +126,7 @@ def config_rows() -> list:
         ("numpy", _version("numpy")),
         ("compiled extension", _guard(_extension)),
         ("backends available", _guard(lambda: ", ".join(available_backends()))),
+        ("CUDA harness (tests)", _guard(_cuda_sim)),
         ("CPU kernels in use", _guard(_cpu_in_use)),
         ("CPU kernels this CPU runs", _guard(_cpu_supported)),
         ("torch CPU threads", _guard(lambda: str(torch.get_num_threads()))),

@@ -130,12 +130,21 @@ class Backend(NamedTuple):
     fits: Callable[[torch.Tensor], bool] = lambda w_rec: True
 
 
+def _load_cuda_sim() -> Kernels:
+    from . import cuda_sim
+
+    return Kernels(*cuda_sim.load_kernels())
+
+
 # Fastest first: the order "auto" tries them in.
 BACKEND_TABLE = (
     Backend("cuda", lambda: ("cuda",), _load_cuda),
     Backend("triton", lambda: ("cuda", "cpu") if _triton_interpreted() else ("cuda",), _load_triton, _triton_fits),
     Backend("cpp", lambda: ("cpu",), _load_cpp),
 )
+# Only when asked for by name, never by "auto", and not in available_backends(): the CUDA
+# path executed by a CPU harness (srnn_fast/cuda_sim.py), for the tests.
+TEST_BACKENDS = (Backend("cuda_sim", lambda: ("cpu",), _load_cuda_sim),)
 _AUTO_SKIPS_ON_CPU = ("triton",)  # the interpreter is for testing, never picked by "auto"
 
 
@@ -180,7 +189,7 @@ def resolve_backend(backend: str, device: torch.device, w_rec: Optional[torch.Te
             if _usable(b, device.type) and (w_rec is None or b.fits(w_rec)):
                 return b.name
         return "reference"
-    entry = next(b for b in BACKEND_TABLE if b.name == backend)
+    entry = next(b for b in BACKEND_TABLE + TEST_BACKENDS if b.name == backend)
     if device.type not in entry.device_types():
         extra = " (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)" if backend == "triton" else ""
         raise ValueError(f"backend {backend!r} runs on {' / '.join(entry.device_types())} tensors{extra}; "
@@ -190,7 +199,7 @@ def resolve_backend(backend: str, device: torch.device, w_rec: Optional[torch.Te
 
 
 def kernels_for(name: str) -> Kernels:
-    return next(b for b in BACKEND_TABLE if b.name == name).load()
+    return next(b for b in BACKEND_TABLE + TEST_BACKENDS if b.name == name).load()
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +233,9 @@ class SRNNScanFunction(torch.autograd.Function):
             grad_s, grad_u_T, grad_eta_T, w_rec, alpha, rho, u0, eta0, s0, u_seq, spikes, binary,
             surrogate, b0, beta, dt, r_m, sigma, gamma, need_tau)
         # dW_rec[i, j] = sum_{t, b} dI_t[b, i] * s_{t-1}[b, j]: one op over all steps.
-        if binary and _has_kernel("srnn_fast::grad_w_rec", u_seq.device.type.upper()):
+        # cuda_sim computes what a GPU would: CUDA has no grad_w_rec kernel.
+        device_key = "CUDA" if backend == "cuda_sim" else u_seq.device.type.upper()
+        if binary and _has_kernel("srnn_fast::grad_w_rec", device_key):
             # The same sum straight from the bits, over active columns only (no unpacked copy).
             grad_w = torch.ops.srnn_fast.grad_w_rec(grad_x, spikes, s0)
         else:
@@ -241,7 +252,8 @@ def srnn_scan(x_proj, w_rec, tau_m, tau_adp, state=None, *, neuron="adaptive", b
               r_m=1.0, surrogate="gaussian", sigma=0.5, gamma=0.5, backend="auto"):
     """Run one recurrent SRNN layer over a whole sequence; see ``srnn_fast.reference`` for
     the equations and shapes. ``backend`` is "auto" (fastest available for the tensors'
-    device), "cuda", "triton", "cpp" or "reference"; an explicitly requested backend that
+    device), "cuda", "triton", "cpp", "reference" or, for tests, "cuda_sim" (the CUDA code
+    run on CPU tensors by a harness, srnn_fast/cuda_sim.py); an explicitly requested backend that
     cannot run raises BackendUnavailableError saying how to get it.
 
     Returns s [T, B, H] and SRNNState(u_T, eta_T, s_T).

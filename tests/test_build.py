@@ -63,7 +63,9 @@ def test_the_build_says_what_it_compiles(tmp_path):
     assert len(lines) == 1, p.stdout + p.stderr
     isas = "avx512, avx2, default (x86-64)" if platform.machine() in ("x86_64", "AMD64") else "default ("
     assert lines[0].startswith(f"srnn_fast: building the CPU kernels for {isas}"), lines[0]
-    assert lines[0].endswith(f"; CUDA kernels: no (SRNN_FAST_BUILD_CUDA=0); torch {torch.__version__}"), lines[0]
+    sim = "yes" if platform.system() == "Linux" else f"no ({platform.system()}: needs Linux)"
+    assert lines[0].endswith(f"; CUDA kernels: no (SRNN_FAST_BUILD_CUDA=0); CUDA harness (cuda_sim): {sim}; "
+                             f"torch {torch.__version__}"), lines[0]
     if torch.version.cuda is None:  # "auto" on a CPU torch says why there are no CUDA kernels
         env["SRNN_FAST_BUILD_CUDA"] = "auto"
         p = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "b"),
@@ -96,9 +98,9 @@ def test_sdist_carries_what_a_build_needs(tmp_path):
         pkg_info = tar.extractfile(f"{sdist.name.removesuffix('.tar.gz')}/PKG-INFO").read().decode()
     assert "\nLicense-Expression: MIT\n" in pkg_info and "\nLicense-File: LICENSE\n" in pkg_info, pkg_info
     wanted = ["README.md", "pyproject.toml", "setup.py", "MANIFEST.in"]
-    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "srnn_fast/**/*.py", "LICENSE"):
+    for pattern in ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "csrc/*.cuh", "csrc/sim/*", "srnn_fast/**/*.py", "LICENSE"):
         wanted += [os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, pattern), recursive=True)]
-    assert "LICENSE" in wanted and "srnn_fast/train/loop.py" in wanted
+    assert "LICENSE" in wanted and "srnn_fast/train/loop.py" in wanted and "csrc/sim/harness.cpp" in wanted
     assert any(w.endswith(".cu") for w in wanted) and any(w.endswith(".h") for w in wanted)
     missing = sorted(set(wanted) - names)
     assert not missing, f"missing from the sdist: {missing}"
