@@ -22,6 +22,9 @@
 #if SRNN_X86_ISAS
 #include <immintrin.h>  // Madd's FMA intrinsics, called only from code built for AVX2 / AVX-512
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>  // madvise (advise_huge_pages)
+#endif
 
 #define SRNN_INLINE inline __attribute__((always_inline))
 
@@ -35,8 +38,30 @@ bool poison_outputs() {
   return v != nullptr && v[0] == '1';
 }
 
+// Tensors of tens of MB (the [T, B, H] outputs, the layer's x_proj and dI scratch) are fresh
+// memory from mmap on every call (glibc maps requests over 32 MB): each 4 KB page faults and is
+// zeroed at its first touch, and the kernels, which walk them one step (B x H values) at a time,
+// miss the TLB on nearly every row they touch. With transparent huge pages (Linux, THP mode
+// "madvise" or "always") that is one fault and one TLB entry per 2 MB: the S-MNIST stack's
+// forward took about a third less time (bench/RESULTS.md, issue 47). Best effort: where THP is
+// off, or off Linux, nothing changes. Call it before the memory is first touched.
+constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
+
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (int64_t(t.nbytes()) < kHugePageMinBytes) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
+  advise_huge_pages(t);
   if (poison_outputs()) {
     if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
     else t.fill_(-1);

@@ -359,11 +359,16 @@ constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
 at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   thread_local at::Tensor kept[2];
   const int64_t numel = c10::multiply_integers(sizes);
-  if (numel * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes) return at::empty(sizes, opts);
+  if (numel * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes) {
+    at::Tensor t = at::empty(sizes, opts);
+    advise_huge_pages(t);
+    return t;
+  }
   at::Tensor& buf = kept[slot];
   if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < numel) {
     buf = at::Tensor();  // free the old one first
     buf = at::empty({numel}, opts);
+    advise_huge_pages(buf);
   }
   at::Tensor out = buf.narrow(0, 0, numel).view(sizes);
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // stale values must not count
