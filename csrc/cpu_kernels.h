@@ -45,9 +45,9 @@ bool poison_outputs() {
 // "madvise" or "always") that is one fault and one TLB entry per 2 MB: the S-MNIST stack's
 // forward took about a third less time (bench/RESULTS.md, issue 47). Best effort: where THP is
 // off, or off Linux, nothing changes. Call it before the memory is first touched.
-constexpr int64_t kHugePageMinBytes = int64_t(4) << 20;
+constexpr int64_t kHugePageMinBytes = int64_t(2) << 20;
 
-void advise_huge_pages(const at::Tensor& t) {
+void advise_huge_pages(const at::Tensor& t) {  // for tensors of kHugePageMinBytes and more
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (int64_t(t.nbytes()) < kHugePageMinBytes) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -380,19 +380,25 @@ SRNN_INLINE uint32_t nonzero_mask(const T* x) {
   return NonzeroMask<ISA, T>::run(x);
 }
 
+// nonzero_mask of the first n < L values at x: copied into zeroed lanes, so one vector compare
+// serves a row's last partial vector too (H = 36, 100, 120 and I = 4 all end in one).
+template <Isa ISA, typename T>
+SRNN_INLINE uint32_t nonzero_mask_tail(const T* x, int64_t n) {
+  T lanes[Simd<ISA, T>::L] = {};
+  std::memcpy(lanes, x, size_t(n) * sizeof(T));
+  return nonzero_mask<ISA>(lanes);
+}
+
 // Indices of the nonzero x[k], k < n, in increasing order; returns how many. Used for the
 // active neurons of s_{t-1} and the nonzero inputs x_t (spikes are sparse).
 template <Isa ISA, typename T>
 SRNN_INLINE int64_t nonzero_index(const T* __restrict x, int64_t n, int32_t* __restrict idx) {
   constexpr int64_t L = Simd<ISA, T>::L;
   int64_t count = 0, k0 = 0;
-  for (; k0 + L <= n; k0 += L)
-    for (uint32_t mask = nonzero_mask<ISA>(x + k0); mask != 0; mask &= mask - 1)
+  for (; k0 < n; k0 += L)
+    for (uint32_t mask = k0 + L <= n ? nonzero_mask<ISA>(x + k0) : nonzero_mask_tail<ISA>(x + k0, n - k0);
+         mask != 0; mask &= mask - 1)
       idx[count++] = int32_t(k0 + __builtin_ctz(mask));
-  for (; k0 < n; ++k0) {  // the tail, branch-free
-    idx[count] = int32_t(k0);
-    count += x[k0] != T(0);
-  }
   return count;
 }
 
@@ -464,16 +470,16 @@ SRNN_INLINE void recurrent_input(const T* wT, const T* s, const int32_t* idx, in
 }
 
 // Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32: vector
-// compares (nonzero_mask) over whole vectors, lanes past the last whole one one by one.
+// compares (nonzero_mask), the last partial vector through zeroed lanes (a vector's lanes lie
+// within one word: 32 % L == 0).
 template <Isa ISA, typename T>
 SRNN_INLINE void pack_bits(const T* __restrict s, int64_t H, int32_t* __restrict bits) {
   constexpr int64_t L = Simd<ISA, T>::L;
   for (int64_t w = 0; w * 32 < H; ++w) {
     uint32_t word = 0;
-    int64_t k = w * 32;
-    const int64_t end = std::min<int64_t>(H, k + 32);
-    for (; k + L <= end; k += L) word |= nonzero_mask<ISA>(s + k) << (k & 31);
-    for (; k < end; ++k) word |= uint32_t(s[k] != T(0)) << (k & 31);
+    const int64_t end = std::min<int64_t>(H, w * 32 + 32);
+    for (int64_t k = w * 32; k < end; k += L)
+      word |= (k + L <= end ? nonzero_mask<ISA>(s + k) : nonzero_mask_tail<ISA>(s + k, end - k)) << (k & 31);
     bits[w] = int32_t(word);
   }
 }
@@ -519,8 +525,10 @@ SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int6
 }
 
 // sg [H] = d s_t / d v_t at v = u_t - theta_t: the surrogate (binary neurons) or the step
-// (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512) and a scalar
-// tail, which rounds alike.
+// (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512). The last
+// H % L neurons go through one more vector, their values copied into zeroed lanes: lane by
+// lane the same operations, so the same result as a scalar loop, for one vector exp instead
+// of up to L - 1 scalar ones (at H = 36 those were a tenth of the ECG layer's backward).
 template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict u, const T* __restrict eta,
                              T* __restrict sg) {
@@ -532,7 +540,13 @@ SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict 
   };
   int64_t i = 0;
   for (; i + S::L <= H; i += S::L) S::store(sg + i, grad(S::load(u + i) - threshold(p, S::load(eta + i))));
-  for (; i < H; ++i) sg[i] = grad(T(u[i] - threshold(p, eta[i])));
+  if (i < H) {
+    T ut[S::L] = {}, et[S::L] = {}, out[S::L];
+    std::memcpy(ut, u + i, (H - i) * sizeof(T));
+    std::memcpy(et, eta + i, (H - i) * sizeof(T));
+    S::store(out, grad(S::load(ut) - threshold(p, S::load(et))));
+    std::memcpy(sg + i, out, (H - i) * sizeof(T));
+  }
 }
 
 // One backward step of a row's neurons (t descending): sg = the surrogate at u_t - theta_t,
