@@ -380,12 +380,60 @@ SRNN_INLINE uint32_t nonzero_mask(const T* x) {
   return NonzeroMask<ISA, T>::run(x);
 }
 
-// nonzero_mask of the first n < L values at x: copied into zeroed lanes, so one vector compare
-// serves a row's last partial vector too (H = 36, 100, 120 and I = 4 all end in one).
+// The first n < L values at x in a vector's lanes, zeros in the others (x[n ..] is not read),
+// and the way back: a row's last partial vector (H = 36, 100, 120, I = 4 all end in one) then
+// runs the vector code, lane by lane the same operations as a scalar loop would do. On x86 one
+// masked load / store (a memcpy of n values was a library call per row and step).
+template <Isa ISA, typename T>
+struct PartialVector {
+  using S = Simd<ISA, T>;
+  static SRNN_INLINE typename S::V load(const T* x, int64_t n) {
+    typename S::V v{};
+    for (int64_t l = 0; l < n; ++l) v[l] = x[l];
+    return v;
+  }
+  static SRNN_INLINE void store(T* x, typename S::V v, int64_t n) {
+    for (int64_t l = 0; l < n; ++l) x[l] = v[l];
+  }
+};
+#if SRNN_X86_ISAS
+template <typename T>
+struct PartialVector<Isa::kAvx2, T> {  // inlined by run_avx2 (flatten)
+  using V = typename Simd<Isa::kAvx2, T>::V;
+  __attribute__((target("avx2"))) static inline auto mask(int64_t n) {  // lanes < n all ones
+    if constexpr (std::is_same_v<T, float>)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  __attribute__((target("avx2"))) static inline V load(const T* x, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) return V(_mm256_maskload_ps(x, mask(n)));
+    else return V(_mm256_maskload_pd(x, mask(n)));
+  }
+  __attribute__((target("avx2"))) static inline void store(T* x, V v, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) _mm256_maskstore_ps(x, mask(n), __m256(v));
+    else _mm256_maskstore_pd(x, mask(n), __m256d(v));
+  }
+};
+template <typename T>
+struct PartialVector<Isa::kAvx512, T> {  // inlined by run_avx512 (flatten)
+  using V = typename Simd<Isa::kAvx512, T>::V;
+  __attribute__((target("avx512f"))) static inline V load(const T* x, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) return V(_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), x));
+    else return V(_mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), x));
+  }
+  __attribute__((target("avx512f"))) static inline void store(T* x, V v, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(x, __mmask16((1u << n) - 1), __m512(v));
+    else _mm512_mask_storeu_pd(x, __mmask8((1u << n) - 1), __m512d(v));
+  }
+};
+#endif
+
+// nonzero_mask of the first n < L values at x (PartialVector; the other lanes count as zero).
 template <Isa ISA, typename T>
 SRNN_INLINE uint32_t nonzero_mask_tail(const T* x, int64_t n) {
-  T lanes[Simd<ISA, T>::L] = {};
-  std::memcpy(lanes, x, size_t(n) * sizeof(T));
+  T lanes[Simd<ISA, T>::L];
+  Simd<ISA, T>::store(lanes, PartialVector<ISA, T>::load(x, n));
   return nonzero_mask<ISA>(lanes);
 }
 
@@ -526,9 +574,8 @@ SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int6
 
 // sg [H] = d s_t / d v_t at v = u_t - theta_t: the surrogate (binary neurons) or the step
 // (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512). The last
-// H % L neurons go through one more vector, their values copied into zeroed lanes: lane by
-// lane the same operations, so the same result as a scalar loop, for one vector exp instead
-// of up to L - 1 scalar ones (at H = 36 those were a tenth of the ECG layer's backward).
+// H % L neurons go through one more, partial vector (PartialVector): one vector exp instead of
+// up to L - 1 scalar ones (at H = 36 those were a tenth of the ECG layer's backward).
 template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict u, const T* __restrict eta,
                              T* __restrict sg) {
@@ -541,11 +588,8 @@ SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict 
   int64_t i = 0;
   for (; i + S::L <= H; i += S::L) S::store(sg + i, grad(S::load(u + i) - threshold(p, S::load(eta + i))));
   if (i < H) {
-    T ut[S::L] = {}, et[S::L] = {}, out[S::L];
-    std::memcpy(ut, u + i, (H - i) * sizeof(T));
-    std::memcpy(et, eta + i, (H - i) * sizeof(T));
-    S::store(out, grad(S::load(ut) - threshold(p, S::load(et))));
-    std::memcpy(sg + i, out, (H - i) * sizeof(T));
+    using P = PartialVector<ISA, T>;
+    P::store(sg + i, grad(P::load(u + i, H - i) - threshold(p, P::load(eta + i, H - i))), H - i);
   }
 }
 
