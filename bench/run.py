@@ -508,21 +508,28 @@ def gemm_fractions(results: dict, rate: float) -> list:
     return rows
 
 
-def combine_fractions(per_round: list) -> list:
-    """The median over rounds of each fraction (each round against its own GEMM rate)."""
+def median_rows(per_round: list, key_fields: tuple) -> list:
+    """Rows of several rounds that agree on ``key_fields`` merged into one: the first round's
+    row with each RATIO_KEYS value replaced by its median over the rounds; "rounds" = how many."""
     rows = {}
     for round_rows in per_round:
         for row in round_rows:
-            rows.setdefault((row["shape"], row["contender"]), []).append(row)
+            rows.setdefault(tuple(row[f] for f in key_fields), []).append(row)
     out = []
     for same in rows.values():
         row = dict(same[0])
-        for k in RATIO_KEYS:
-            values = [r[k] for r in same if k in r]
+        for key in RATIO_KEYS:
+            values = [r[key] for r in same if key in r]
             if values:
-                row[k] = statistics.median(values)
+                row[key] = statistics.median(values)
+        row["rounds"] = len(same)
         out.append(row)
     return out
+
+
+def combine_fractions(per_round: list) -> list:
+    """The median over rounds of each fraction (each round against its own GEMM rate)."""
+    return median_rows(per_round, ("shape", "contender"))
 
 
 def combine_rounds(rounds: list) -> dict:
@@ -547,24 +554,15 @@ def combine_ratios(per_round: list, combined: dict = None) -> list:
     together, so the median of ratios resists a host's slow spells better than the ratio of
     medians. With ``combined`` (combine_rounds' output) each row also gets "fwd_bwd_best":
     the ratio of the best (least disturbed) rounds, the contenders' own speed."""
-    rows = {}
-    for round_rows in per_round:
-        for row in round_rows:
-            rows.setdefault((row["shape"], row["fused"], row["peer"]), []).append(row)
-    out = []
-    for same in rows.values():
-        row = dict(same[0])
-        for key in RATIO_KEYS:
-            values = [r[key] for r in same if key in r]
-            if values:
-                row[key] = statistics.median(values)
-        if len(per_round) > 1:
-            row["rounds"] = len(same)
+    out = median_rows(per_round, ("shape", "fused", "peer"))
+    for row in out:
+        if len(per_round) == 1:
+            del row["rounds"]
+        else:
             res = (combined or {}).get(row["shape"], {})
             fused, peer = res.get(row["fused"], {}), res.get(row["peer"], {})
             if "fwd_bwd_ms_best" in fused and "fwd_bwd_ms_best" in peer:
                 row["fwd_bwd_best"] = peer["fwd_bwd_ms_best"] / fused["fwd_bwd_ms_best"]
-        out.append(row)
     return out
 
 
