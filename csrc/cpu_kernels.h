@@ -38,10 +38,10 @@ bool poison_outputs() {
   return v != nullptr && v[0] == '1';
 }
 
-// Tensors of tens of MB (the [T, B, H] outputs, the layer's x_proj and dI scratch) are fresh
-// memory from mmap on every call (glibc maps requests over 32 MB): each 4 KB page faults and is
-// zeroed at its first touch, and the kernels, which walk them one step (B x H values) at a time,
-// miss the TLB on nearly every row they touch. With transparent huge pages (Linux, THP mode
+// Tensors of MBs (the [T, B, H] outputs, the layer's x_proj and dI scratch, the per-block dW
+// partials) are fresh memory from mmap on every call (glibc maps large requests): each 4 KB
+// page faults and is zeroed at its first touch, and the kernels, which walk them one step
+// (B x H values) at a time, miss the TLB on nearly every row they touch. With transparent huge pages (Linux, THP mode
 // "madvise" or "always") that is one fault and one TLB entry per 2 MB: the S-MNIST stack's
 // forward took about a third less time (bench/RESULTS.md, issue 47). Best effort: where THP is
 // off, or off Linux, nothing changes. Call it before the memory is first touched.

@@ -359,16 +359,12 @@ constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
 // `pad` more elements after the tensor's end stay readable (values unspecified).
 at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts, int64_t pad = 0) {
   thread_local at::Tensor kept[2];
-  const int64_t numel = c10::multiply_integers(sizes);
-  at::Tensor fresh;
-  if ((numel + pad) * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes) {
-    fresh = at::empty({numel + pad}, opts);
-    advise_huge_pages(fresh);
-  }
-  at::Tensor& buf = fresh.defined() ? fresh : kept[slot];
-  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < numel + pad) {
+  const int64_t numel = c10::multiply_integers(sizes), total = numel + pad;
+  at::Tensor fresh;  // a buffer over kScratchMaxBytes lives for this call only
+  at::Tensor& buf = total * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes ? fresh : kept[slot];
+  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < total) {
     buf = at::Tensor();  // free the old one first
-    buf = at::empty({numel + pad}, opts);
+    buf = at::empty({total}, opts);
     advise_huge_pages(buf);
   }
   at::Tensor out = buf.narrow(0, 0, numel).view(sizes);
