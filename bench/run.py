@@ -13,6 +13,19 @@ gives the median over rounds; each ratio is the median of the per-round ratios, 
 contenders of one round ran close together in time (timings on shared hosts swing 2-3x
 between minutes).
 
+Subnormals: PyTorch's ops compute with subnormal numbers (below 1.18e-38 in float32), which
+the backward of a spiking network makes by the million, and which cost some CPUs (Intel) a
+microcode assist each; the fused float32 kernels flush them to zero. So on the CPU every
+contender is timed twice in the same run: as PyTorch runs by default, and with subnormals
+flushed in every thread ("flushed"; --no-flushed skips it). The report gives both ratios.
+
+Work: per shape and contender, the floating-point operations of the forward and of
+forward+backward (bench/flops.py: dense products by formula from the shapes, spike-driven ones
+from the spikes that contender produced in the run, the neuron arithmetic per neuron and step),
+and the fraction of the machine's GEMM rate each reaches: the rate of a large float32 torch.mm
+measured at the start of every round, on the same threads; each fraction is the median over
+rounds of the round's work / time / GEMM rate.
+
 Memory: "saved" is what autograd keeps for backward during the fwd+bwd forward (every saved
 tensor, once per storage), beyond the input and the parameters, which exist anyway (for
 every contender alike).
@@ -58,6 +71,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import srnn_fast  # noqa: E402
+from flops import gemm_rate, rnn_stack_flops, srnn_stack_flops  # noqa: E402
 from measure import median_time, saved_bytes  # noqa: E402
 from srnn_fast.reference import reference_step, srnn_scan_ref  # noqa: E402
 
@@ -263,12 +277,50 @@ def capability_of(contender: str):
 SLOW_CALL_S = 1.0
 
 
-def measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool = False) -> dict:
+def measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool = False,
+            flushed: bool = False, count: bool = False) -> dict:
     with capability_of(contender):
-        return _measure(contender, shape, device, repeats, warmup, scan)
+        return _measure(contender, shape, device, repeats, warmup, scan, flushed, count)
 
 
-def _measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool) -> dict:
+@contextlib.contextmanager
+def subnormals_flushed():
+    """Subnormal float32/float64 numbers flushed to zero in every torch CPU thread inside the
+    block (srnn_fast._C.set_flush_denormal: torch.set_flush_denormal reaches only the calling
+    thread), as the fused float32 kernels always run; off again after it."""
+    from srnn_fast import _C
+
+    _C.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        _C.set_flush_denormal(False)
+
+
+def can_flush_subnormals() -> bool:
+    """Whether this CPU flushes subnormals on request, and every torch thread does it: a
+    subnormal times 1 is 0 in every element of an op large enough to run on all threads."""
+    from srnn_fast import _ops
+
+    if _ops.EXTENSION_ERROR is not None or not torch.set_flush_denormal(False):
+        return False
+    with subnormals_flushed():
+        ok = bool(((torch.full((1 << 20,), 1e-39) * 1.0) == 0).all())
+    return ok
+
+
+def count_flops(contender: str, model: nn.Module, x: torch.Tensor, shape: dict):
+    """The stack's work (bench/flops.py) from this contender's own spikes, or None where not counted."""
+    name = split_capability(contender)[0]
+    if name in BASELINES:
+        return rnn_stack_flops(name, shape["sizes"], shape["T"], shape["B"])
+    if isinstance(model, SRNNStack):
+        return srnn_stack_flops(model.layers, x)
+    return None
+
+
+def _measure(contender: str, shape: dict, device, repeats: int, warmup: int, scan: bool, flushed: bool,
+             count: bool) -> dict:
     model = build(contender, shape["sizes"], device, scan)
     x = make_input(shape, device, scan)
     out_shape = (shape["T"], shape["B"], shape["sizes"][1 if scan else -1])
@@ -290,7 +342,13 @@ def _measure(contender: str, shape: dict, device, repeats: int, warmup: int, sca
     res = {"fwd_ms": 1e3 * median_time(fwd, device, repeats, warmup),
            "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, device, repeats, warmup, clear),
            "first_call_s": first_s, "repeats": repeats}
+    if flushed:  # the same calls again with subnormals flushed in every thread, for every contender
+        with subnormals_flushed():
+            res["fwd_ms_flushed"] = 1e3 * median_time(fwd, device, repeats, warmup)
+            res["fwd_bwd_ms_flushed"] = 1e3 * median_time(fwd_bwd, device, repeats, warmup, clear)
     clear()
+    if count and not scan:
+        res["flops"] = count_flops(contender, model, x, shape)
     res["saved_bytes"] = saved_bytes(lambda: model(x), exclude=[x, *model.parameters()])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -363,28 +421,56 @@ def markdown(report: dict) -> str:
     caps = ", ".join(dict.fromkeys(c for c in m.get("cpu_capabilities_run", []) if c))
     cpu = (f" CPU model {m['cpu_model']}, AVX-512 {'yes' if m.get('cpu_avx512') else 'no'}; cpp build(s): "
            f"{caps or '-'}." if m["device"] == "cpu" else "")
+    flushed = m.get("flushed", False)
     lines = [f"Device: {m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
              f"float32, {m['date']}, {m.get('what', 'layer stacks')}.{cpu} Command: `{m['command']}`", "",
-             "| shape | contender | fwd ms | fwd+bwd ms | saved MB | peak MB | note |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "Times as PyTorch runs by default (subnormal numbers kept)"
+             + (", and flushed: every contender again with subnormals flushed to zero in every thread, as "
+                "the fused float32 kernels always run" if flushed else "") + ".", "",
+             "| shape | contender | fwd ms | fwd+bwd ms |" + (" fwd ms, flushed | fwd+bwd ms, flushed |" if flushed else "")
+             + " saved MB | peak MB | note |", "|---|---|---:|---:|" + ("---:|---:|" if flushed else "") + "---:|---:|---|"]
     for shape, rows in report["results"].items():
         for name, r in rows.items():
             mb = lambda b: None if b is None else b / 2**20  # noqa: E731
             lines.append(f"| {shape} | {name} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
-                         f"{fmt(mb(r.get('saved_bytes')))} | {fmt(mb(r.get('peak_bytes')))} | "
+                         + (f"{fmt(r.get('fwd_ms_flushed'))} | {fmt(r.get('fwd_bwd_ms_flushed'))} | " if flushed else "")
+                         + f"{fmt(mb(r.get('saved_bytes')))} | {fmt(mb(r.get('peak_bytes')))} | "
                          f"{r.get('error', r.get('note', ''))} |")
     best = any("fwd_bwd_best" in row for row in report["ratios"])
     rounds = m.get("rounds", 1)
     lines += ["", "Speedup of each fused backend (time of the peer / time of the fused backend"
               + (f"; median of the {rounds} per-round ratios, and the ratio of the best rounds" if best else "")
-              + "):", "",
-              "| shape | fused | peer | fwd | fwd+bwd |" + (" fwd+bwd, best rounds |" if best else "")
-              + " saved bytes, fused / peer |", "|---|---|---|---:|---:|" + ("---:|" if best else "") + "---:|"]
+              + ("; \"flushed\": both timed with subnormals flushed" if flushed else "") + "):", "",
+              "| shape | fused | peer | fwd | fwd+bwd |" + (" fwd, flushed | fwd+bwd, flushed |" if flushed else "")
+              + (" fwd+bwd, best rounds |" if best else "") + " saved bytes, fused / peer |",
+              "|---|---|---|---:|---:|" + ("---:|---:|" if flushed else "") + ("---:|" if best else "") + "---:|"]
     for row in report["ratios"]:
         lines.append(f"| {row['shape']} | {row['fused']} | {row['peer']} | {fmt(row['fwd'], 'x')} | "
-                     f"{fmt(row['fwd_bwd'], 'x')} |" + (f" {fmt(row.get('fwd_bwd_best'), 'x')} |" if best else "")
-                     + f" {fmt_ratio(row['saved'])} |")
+                     f"{fmt(row['fwd_bwd'], 'x')} |"
+                     + (f" {fmt(row.get('fwd_flushed'), 'x')} | {fmt(row.get('fwd_bwd_flushed'), 'x')} |" if flushed else "")
+                     + (f" {fmt(row.get('fwd_bwd_best'), 'x')} |" if best else "") + f" {fmt_ratio(row['saved'])} |")
+    if report.get("gemm_fractions"):
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+        lines += ["", f"Work (bench/flops.py: dense products by formula, spike-driven ones from the spikes of the "
+                      f"run, neuron arithmetic per neuron and step) against the GEMM rate of this run: "
+                      f"{m['gemm_gflops']:.0f} GFLOP/s (float32 torch.mm, n = "
+                      f"{' and '.join(map(str, m['gemm_sizes']))}, the better; median over rounds), "
+                      f"{m['threads']} threads. % = GFLOP / time / GEMM rate"
+                      + ("; median of the per-round fractions" if rounds > 1 else "") + ".", "",
+                  "| shape | contender | GFLOP fwd | GFLOP fwd+bwd | % fwd | % fwd+bwd |"
+                  + (" % fwd, flushed | % fwd+bwd, flushed |" if flushed else ""),
+                  "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if flushed else "")]
+        for row in report["gemm_fractions"]:
+            lines.append(f"| {row['shape']} | {row['contender']} | {row['gflop_fwd']:.3g} | {row['gflop_fwd_bwd']:.3g} | "
+                         f"{pct(row.get('fwd'))} | {pct(row.get('fwd_bwd'))} |"
+                         + (f" {pct(row.get('fwd_flushed'))} | {pct(row.get('fwd_bwd_flushed'))} |" if flushed else ""))
     return "\n".join(lines) + "\n"
+
+
+# Times per contender: as measured, and with subnormals flushed in every thread (--flushed).
+TIME_KEYS = ("fwd_ms", "fwd_bwd_ms", "fwd_ms_flushed", "fwd_bwd_ms_flushed")
+# Ratio keys ("fwd_bwd": fwd_bwd_ms of the peer / of the fused backend).
+RATIO_KEYS = {k.replace("_ms", ""): k for k in TIME_KEYS}
 
 
 def ratios(results: dict, fused: list) -> list:
@@ -398,10 +484,52 @@ def ratios(results: dict, fused: list) -> list:
                 if peer in fused or "fwd_ms" not in r:
                     continue
                 saved = (mine["saved_bytes"] / r["saved_bytes"]) if r.get("saved_bytes") else None
-                rows.append({"shape": shape, "fused": f, "peer": peer, "fwd": r["fwd_ms"] / mine["fwd_ms"],
-                             "fwd_bwd": r["fwd_bwd_ms"] / mine["fwd_bwd_ms"],
-                             "saved": None if saved is None else round(saved, 4)})
+                row = {"shape": shape, "fused": f, "peer": peer, "saved": None if saved is None else round(saved, 4)}
+                row.update({k: r[t] / mine[t] for k, t in RATIO_KEYS.items() if t in r and t in mine})
+                rows.append(row)
     return rows
+
+
+def gemm_fractions(results: dict, rate: float) -> list:
+    """Per shape and contender with a work count: GFLOP and the fraction of the GEMM rate
+    ``rate`` (FLOP/s) reached, per timing (fwd, fwd_bwd, and flushed where timed)."""
+    rows = []
+    for shape, res in results.items():
+        for c, r in res.items():
+            work = r.get("flops")
+            if not work or "fwd_ms" not in r:
+                continue
+            row = {"shape": shape, "contender": c, "gflop_fwd": work["fwd"]["total"] / 1e9,
+                   "gflop_fwd_bwd": work["fwd_bwd"]["total"] / 1e9}
+            for k, t in RATIO_KEYS.items():
+                if t in r:
+                    row[k] = work["fwd_bwd" if k.startswith("fwd_bwd") else "fwd"]["total"] / (r[t] / 1e3) / rate
+            rows.append(row)
+    return rows
+
+
+def median_rows(per_round: list, key_fields: tuple) -> list:
+    """Rows of several rounds that agree on ``key_fields`` merged into one: the first round's
+    row with each RATIO_KEYS value replaced by its median over the rounds; "rounds" = how many."""
+    rows = {}
+    for round_rows in per_round:
+        for row in round_rows:
+            rows.setdefault(tuple(row[f] for f in key_fields), []).append(row)
+    out = []
+    for same in rows.values():
+        row = dict(same[0])
+        for key in RATIO_KEYS:
+            values = [r[key] for r in same if key in r]
+            if values:
+                row[key] = statistics.median(values)
+        row["rounds"] = len(same)
+        out.append(row)
+    return out
+
+
+def combine_fractions(per_round: list) -> list:
+    """The median over rounds of each fraction (each round against its own GEMM rate)."""
+    return median_rows(per_round, ("shape", "contender"))
 
 
 def combine_rounds(rounds: list) -> dict:
@@ -412,7 +540,7 @@ def combine_rounds(rounds: list) -> dict:
         out[shape] = {}
         for c, rec in res.items():
             rec = dict(rec)
-            for key in ("fwd_ms", "fwd_bwd_ms"):
+            for key in TIME_KEYS:
                 times = [r[shape][c][key] for r in rounds if key in r[shape].get(c, {})]
                 if len(rounds) > 1 and times:
                     rec[key], rec[key + "_rounds"] = statistics.median(times), times
@@ -426,22 +554,15 @@ def combine_ratios(per_round: list, combined: dict = None) -> list:
     together, so the median of ratios resists a host's slow spells better than the ratio of
     medians. With ``combined`` (combine_rounds' output) each row also gets "fwd_bwd_best":
     the ratio of the best (least disturbed) rounds, the contenders' own speed."""
-    rows = {}
-    for round_rows in per_round:
-        for row in round_rows:
-            rows.setdefault((row["shape"], row["fused"], row["peer"]), []).append(row)
-    out = []
-    for same in rows.values():
-        row = dict(same[0])
-        for key in ("fwd", "fwd_bwd"):
-            row[key] = statistics.median(r[key] for r in same)
-        if len(per_round) > 1:
-            row["rounds"] = len(same)
+    out = median_rows(per_round, ("shape", "fused", "peer"))
+    for row in out:
+        if len(per_round) == 1:
+            del row["rounds"]
+        else:
             res = (combined or {}).get(row["shape"], {})
             fused, peer = res.get(row["fused"], {}), res.get(row["peer"], {})
             if "fwd_bwd_ms_best" in fused and "fwd_bwd_ms_best" in peer:
                 row["fwd_bwd_best"] = peer["fwd_bwd_ms_best"] / fused["fwd_bwd_ms_best"]
-        out.append(row)
     return out
 
 
@@ -464,6 +585,9 @@ def parse_args(argv=None):
                    help="time every contender this many times, round-robin, and report medians over the rounds "
                         "(ratios: the median of the per-round ratios); for noisy shared hosts")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1)")
+    p.add_argument("--no-flushed", dest="flushed", action="store_false",
+                   help="skip the second timing of every contender with subnormal numbers flushed to zero in every "
+                        "thread (CPU; the fused float32 kernels flush them anyway, PyTorch's ops do not)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile-timeout", type=float, default=240.0,
                    help="seconds allowed for torch.compile of the reference per shape (default 240)")
@@ -518,12 +642,21 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
+    flushed = args.flushed and device.type == "cpu" and can_flush_subnormals()
+    if args.flushed and device.type == "cpu" and not flushed:
+        print("note: this CPU (or build) cannot flush subnormals in every thread; no flushed timings",
+              file=sys.stderr)
+    gemm_sizes = (256, 512) if args.quick else (1024, 2048)
     # Rounds: every contender once per round, round after round, so that contenders compared
     # in a ratio were timed minutes apart at most and a slow spell of a shared host hits all.
+    # Each round starts by measuring the GEMM rate its fractions are held against.
     tasks = [(r, s, c) for r in range(args.rounds) for s in shapes for c in contenders]
     rounds = [{s: {} for s in shapes} for _ in range(args.rounds)]
+    rates = []
     for r, shape_name, c in tqdm(tasks, desc="bench", unit="run", file=sys.stderr):
         results = rounds[r]
+        if len(rates) == r:
+            rates.append(gemm_rate(device, gemm_sizes))
         if c in COMPILED and not args.compile and c not in asked:
             results[shape_name][c] = {"note": "not run: pass --compile (torch.compile takes minutes here)"}
             continue
@@ -531,7 +664,8 @@ def main(argv=None) -> int:
             results[shape_name][c] = run_child(args, c, shape_name) if r == 0 else rounds[0][shape_name][c]
         else:
             try:
-                results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup, args.scan)
+                results[shape_name][c] = measure(c, shapes[shape_name], device, args.repeats, args.warmup, args.scan,
+                                                 flushed, count=r == 0)
             except Exception as e:  # record and go on: one failing contender must not lose the rest
                 results[shape_name][c] = {"error": f"{type(e).__name__}: {e}"}
         if invalid.get(c):
@@ -549,10 +683,15 @@ def main(argv=None) -> int:
                  "rounds": args.rounds,
                  "warmup": args.warmup, "shapes": shapes, "what": "srnn_scan op" if args.scan else "layer stacks",
                  "cpu_model": _cpu_name(), "cpu_avx512": "avx512f" in _cpu_flags(), "cpu_avx2": "avx2" in _cpu_flags(),
-                 "cpu_capability": cpu_build,
+                 "cpu_capability": cpu_build, "flushed": flushed,
+                 "gemm_gflops": statistics.median(rates) / 1e9, "gemm_gflops_rounds": [g / 1e9 for g in rates],
+                 "gemm_sizes": gemm_sizes,
                  "cpu_capabilities_run": [split_capability(f)[1] or cpu_build for f in fused if f.startswith("cpp")]},
         "results": results,
         "ratios": combine_ratios([ratios(res, valid_fused) for res in rounds], results),
+        # Work counts are taken in the first round, so each round's fractions use them.
+        "gemm_fractions": combine_fractions([gemm_fractions(_with_flops(res, results), rate)
+                                             for res, rate in zip(rounds, rates)]),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -563,6 +702,12 @@ def main(argv=None) -> int:
     print(md)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
+
+
+def _with_flops(round_results: dict, combined: dict) -> dict:
+    """A round's results with the work counts of the first round (combine_rounds keeps them)."""
+    return {shape: {c: dict(rec, flops=combined[shape].get(c, {}).get("flops")) for c, rec in res.items()}
+            for shape, res in round_results.items()}
 
 
 def expand_capabilities(fused: list, wanted) -> list:

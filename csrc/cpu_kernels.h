@@ -22,6 +22,9 @@
 #if SRNN_X86_ISAS
 #include <immintrin.h>  // Madd's FMA intrinsics, called only from code built for AVX2 / AVX-512
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>  // madvise (advise_huge_pages)
+#endif
 
 #define SRNN_INLINE inline __attribute__((always_inline))
 
@@ -35,8 +38,30 @@ bool poison_outputs() {
   return v != nullptr && v[0] == '1';
 }
 
+// Tensors of MBs (the [T, B, H] outputs, the layer's x_proj and dI scratch, the per-block dW
+// partials) are fresh memory from mmap on every call (glibc maps large requests): each 4 KB
+// page faults and is zeroed at its first touch, and the kernels, which walk them one step
+// (B x H values) at a time, miss the TLB on nearly every row they touch. With transparent huge pages (Linux, THP mode
+// "madvise" or "always") that is one fault and one TLB entry per 2 MB: the S-MNIST stack's
+// forward took about a third less time (bench/RESULTS.md, issue 47). Best effort: where THP is
+// off, or off Linux, nothing changes. Call it before the memory is first touched.
+constexpr int64_t kHugePageMinBytes = int64_t(2) << 20;
+
+void advise_huge_pages(const at::Tensor& t) {  // for tensors of kHugePageMinBytes and more
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (int64_t(t.nbytes()) < kHugePageMinBytes) return;
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + t.nbytes();
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
+  advise_huge_pages(t);
   if (poison_outputs()) {
     if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
     else t.fill_(-1);
@@ -355,19 +380,73 @@ SRNN_INLINE uint32_t nonzero_mask(const T* x) {
   return NonzeroMask<ISA, T>::run(x);
 }
 
+// The first n < L values at x in a vector's lanes, zeros in the others (x[n ..] is not read),
+// and the way back: a row's last partial vector (H = 36, 100, 120, I = 4 all end in one) then
+// runs the vector code, lane by lane the same operations as a scalar loop would do. On x86 one
+// masked load / store (a memcpy of n values was a library call per row and step).
+template <Isa ISA, typename T>
+struct PartialVector {
+  using S = Simd<ISA, T>;
+  static SRNN_INLINE typename S::V load(const T* x, int64_t n) {
+    typename S::V v{};
+    for (int64_t l = 0; l < n; ++l) v[l] = x[l];
+    return v;
+  }
+  static SRNN_INLINE void store(T* x, typename S::V v, int64_t n) {
+    for (int64_t l = 0; l < n; ++l) x[l] = v[l];
+  }
+};
+#if SRNN_X86_ISAS
+template <typename T>
+struct PartialVector<Isa::kAvx2, T> {  // inlined by run_avx2 (flatten)
+  using V = typename Simd<Isa::kAvx2, T>::V;
+  __attribute__((target("avx2"))) static inline auto mask(int64_t n) {  // lanes < n all ones
+    if constexpr (std::is_same_v<T, float>)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  __attribute__((target("avx2"))) static inline V load(const T* x, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) return V(_mm256_maskload_ps(x, mask(n)));
+    else return V(_mm256_maskload_pd(x, mask(n)));
+  }
+  __attribute__((target("avx2"))) static inline void store(T* x, V v, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) _mm256_maskstore_ps(x, mask(n), __m256(v));
+    else _mm256_maskstore_pd(x, mask(n), __m256d(v));
+  }
+};
+template <typename T>
+struct PartialVector<Isa::kAvx512, T> {  // inlined by run_avx512 (flatten)
+  using V = typename Simd<Isa::kAvx512, T>::V;
+  __attribute__((target("avx512f"))) static inline V load(const T* x, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) return V(_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), x));
+    else return V(_mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), x));
+  }
+  __attribute__((target("avx512f"))) static inline void store(T* x, V v, int64_t n) {
+    if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(x, __mmask16((1u << n) - 1), __m512(v));
+    else _mm512_mask_storeu_pd(x, __mmask8((1u << n) - 1), __m512d(v));
+  }
+};
+#endif
+
+// nonzero_mask of the first n < L values at x (PartialVector; the other lanes count as zero).
+template <Isa ISA, typename T>
+SRNN_INLINE uint32_t nonzero_mask_tail(const T* x, int64_t n) {
+  T lanes[Simd<ISA, T>::L];
+  Simd<ISA, T>::store(lanes, PartialVector<ISA, T>::load(x, n));
+  return nonzero_mask<ISA>(lanes);
+}
+
 // Indices of the nonzero x[k], k < n, in increasing order; returns how many. Used for the
 // active neurons of s_{t-1} and the nonzero inputs x_t (spikes are sparse).
 template <Isa ISA, typename T>
 SRNN_INLINE int64_t nonzero_index(const T* __restrict x, int64_t n, int32_t* __restrict idx) {
   constexpr int64_t L = Simd<ISA, T>::L;
   int64_t count = 0, k0 = 0;
-  for (; k0 + L <= n; k0 += L)
-    for (uint32_t mask = nonzero_mask<ISA>(x + k0); mask != 0; mask &= mask - 1)
+  for (; k0 < n; k0 += L)
+    for (uint32_t mask = k0 + L <= n ? nonzero_mask<ISA>(x + k0) : nonzero_mask_tail<ISA>(x + k0, n - k0);
+         mask != 0; mask &= mask - 1)
       idx[count++] = int32_t(k0 + __builtin_ctz(mask));
-  for (; k0 < n; ++k0) {  // the tail, branch-free
-    idx[count] = int32_t(k0);
-    count += x[k0] != T(0);
-  }
   return count;
 }
 
@@ -439,16 +518,16 @@ SRNN_INLINE void recurrent_input(const T* wT, const T* s, const int32_t* idx, in
 }
 
 // Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32: vector
-// compares (nonzero_mask) over whole vectors, lanes past the last whole one one by one.
+// compares (nonzero_mask), the last partial vector through zeroed lanes (a vector's lanes lie
+// within one word: 32 % L == 0).
 template <Isa ISA, typename T>
 SRNN_INLINE void pack_bits(const T* __restrict s, int64_t H, int32_t* __restrict bits) {
   constexpr int64_t L = Simd<ISA, T>::L;
   for (int64_t w = 0; w * 32 < H; ++w) {
     uint32_t word = 0;
-    int64_t k = w * 32;
-    const int64_t end = std::min<int64_t>(H, k + 32);
-    for (; k + L <= end; k += L) word |= nonzero_mask<ISA>(s + k) << (k & 31);
-    for (; k < end; ++k) word |= uint32_t(s[k] != T(0)) << (k & 31);
+    const int64_t end = std::min<int64_t>(H, w * 32 + 32);
+    for (int64_t k = w * 32; k < end; k += L)
+      word |= (k + L <= end ? nonzero_mask<ISA>(s + k) : nonzero_mask_tail<ISA>(s + k, end - k)) << (k & 31);
     bits[w] = int32_t(word);
   }
 }
@@ -494,8 +573,9 @@ SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int6
 }
 
 // sg [H] = d s_t / d v_t at v = u_t - theta_t: the surrogate (binary neurons) or the step
-// (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512) and a scalar
-// tail, which rounds alike.
+// (relu), in explicit vectors (GCC if-converts the scalar loop only for AVX-512). The last
+// H % L neurons go through one more, partial vector (PartialVector): one vector exp instead of
+// up to L - 1 scalar ones (at H = 36 those were a tenth of the ECG layer's backward).
 template <Isa ISA, typename T, bool BINARY>
 SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict u, const T* __restrict eta,
                              T* __restrict sg) {
@@ -507,7 +587,10 @@ SRNN_INLINE void spike_grads(const Params<T>& p, int64_t H, const T* __restrict 
   };
   int64_t i = 0;
   for (; i + S::L <= H; i += S::L) S::store(sg + i, grad(S::load(u + i) - threshold(p, S::load(eta + i))));
-  for (; i < H; ++i) sg[i] = grad(T(u[i] - threshold(p, eta[i])));
+  if (i < H) {
+    using P = PartialVector<ISA, T>;
+    P::store(sg + i, grad(P::load(u + i, H - i) - threshold(p, P::load(eta + i, H - i))), H - i);
+  }
 }
 
 // One backward step of a row's neurons (t descending): sg = the surrogate at u_t - theta_t,

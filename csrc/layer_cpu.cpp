@@ -356,14 +356,16 @@ bool dense_input(const at::Tensor& x) {
 enum Scratch { kScratchXProj = 0, kScratchDI = 1 };
 constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
 
-at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+// `pad` more elements after the tensor's end stay readable (values unspecified).
+at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts, int64_t pad = 0) {
   thread_local at::Tensor kept[2];
-  const int64_t numel = c10::multiply_integers(sizes);
-  if (numel * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes) return at::empty(sizes, opts);
-  at::Tensor& buf = kept[slot];
-  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < numel) {
+  const int64_t numel = c10::multiply_integers(sizes), total = numel + pad;
+  at::Tensor fresh;  // a buffer over kScratchMaxBytes lives for this call only
+  at::Tensor& buf = total * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes ? fresh : kept[slot];
+  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < total) {
     buf = at::Tensor();  // free the old one first
-    buf = at::empty({numel}, opts);
+    buf = at::empty({total}, opts);
+    advise_huge_pages(buf);
   }
   at::Tensor out = buf.narrow(0, 0, numel).view(sizes);
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // stale values must not count
@@ -460,7 +462,6 @@ struct DenseInputGrad : CpuKernel<T> {
     constexpr int64_t L = S::L, W = IsaTraits<ISA>::kWtChunks * L;  // columns per register tile
     static const T one = T(1);
     const int64_t inputs = I + (with_bias ? 1 : 0), n_ib = (inputs + kGradInputs - 1) / kGradInputs;
-    std::vector<T> tail;  // the last columns' rows, zero-padded to whole vectors
     for (int64_t r0 = 0; r0 < N; r0 += kGradChunkRows) {
       const int64_t n = std::min(kGradChunkRows, N - r0);
       for (int64_t t = tile_begin; t < tile_end; ++t) {
@@ -475,15 +476,11 @@ struct DenseInputGrad : CpuKernel<T> {
         }
         for (int64_t h0 = (t / n_ib) * kGradCols; h0 < h_end; h0 += W) {
           const int64_t cols = std::min(W, h_end - h0), nv = (cols + L - 1) / L;
-          const T* d = dI + r0 * H + h0;
-          int64_t ld = H;
-          if (h0 + nv * L > H) {  // the last vector would read past the row: copy, zero-padded
-            tail.assign(size_t(n * nv * L), T(0));
-            for (int64_t r = 0; r < n; ++r) std::memcpy(&tail[size_t(r * nv * L)], d + r * H, size_t(cols) * sizeof(T));
-            d = tail.data(), ld = nv * L;
-          }
+          // The last vector of a row may read past column H, into the next row (or, after the
+          // last row, the scratch's padding: dense_input_grads): lanes that dense_dw_tile
+          // drops, which only spares a zero-padded copy of the columns.
           with_chunks<IsaTraits<ISA>::kWtChunks>(nv, [&](auto nc) {
-            dense_dw_tile<ISA, T, nc()>(d, ld, n, x_col, x_step, ni, cols, acc + i0 * H + h0, H);
+            dense_dw_tile<ISA, T, nc()>(dI + r0 * H + h0, H, n, x_col, x_step, ni, cols, acc + i0 * H + h0, H);
           });
         }
       }
@@ -545,11 +542,15 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const bool dense = dense_input(xc);
   const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
   // dI [T, B, H] for the sums after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in (a GEMM).
-  const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts) : at::Tensor();
+  // Padded to a whole 64-byte vector past the last row: DenseInputGrad's last vector may read there.
+  const int64_t dI_pad = padded(H, int64_t(opts.dtype().itemsize())) - H;
+  const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts, dI_pad) : at::Tensor();
   at::Tensor part = at::empty({need_grad_tau ? 2 : 0, B, H}, opts.dtype(at::kDouble));
   at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
   at::Tensor bias_part = at::empty({dense ? 0 : nblocks, 1, Hp}, opts);
   at::Tensor wrec_part = at::empty({nblocks, H, Hp}, opts);
+  advise_huge_pages(win_part);
+  advise_huge_pages(wrec_part);
   const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), geT = grad_eta_T.contiguous();
   const at::Tensor uck = u_ckpt.contiguous(), eck = eta_ckpt.contiguous(), spk = spikes.contiguous();
   const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();

@@ -2,6 +2,8 @@
 // these names) and the Python module that lets `import srnn_fast._C` load them, with the
 // functions that report and force the CPU kernels' instruction set (cpu_isa.h).
 #include <Python.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -49,11 +51,32 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// torch.set_flush_denormal(on) in the calling thread *and* in every intra-op worker thread.
+// torch's own sets only the calling thread's MXCSR, so with 2 threads about half of a large
+// op still computes with subnormals. bench/run.py uses this to time every contender with
+// subnormals flushed, as the float32 kernels run anyway (FlushSubnormals, cpu_isa.h).
+// Returns False where the CPU cannot flush (as torch.set_flush_denormal does).
+PyObject* set_flush_denormal(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  try {
+    if (!at::globalContext().setFlushDenormal(on != 0)) Py_RETURN_FALSE;
+    // One index per thread (grain 1): ATen's OpenMP parallel_for gives thread k index k.
+    at::parallel_for(0, at::get_num_threads(), 1,
+                     [on](int64_t, int64_t) { at::globalContext().setFlushDenormal(on != 0); });
+  } catch (const std::exception& e) {
+    return raise_runtime_error(e);
+  }
+  Py_RETURN_TRUE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The CPU kernels' build that runs: avx512, avx2 or default."},
     {"supported_cpu_capabilities", supported_cpu_capabilities, METH_NOARGS,
      "The builds this CPU can run, best first."},
     {"set_cpu_capability", set_cpu_capability, METH_O, "Forces a build (tests, benchmarks)."},
+    {"set_flush_denormal", set_flush_denormal, METH_O,
+     "torch.set_flush_denormal(on) in every intra-op thread; False if the CPU cannot."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -27,6 +27,15 @@ def test_quick_run(tmp_path):
     peers = {r["peer"] for r in report["ratios"] if r["fused"] == "cpp"}
     assert peers == {"reference", "lstm", "gru", "rnn"} | installed
     assert "| ecg | cpp |" in (tmp_path / "results.md").read_text()
+    # The second timing with subnormals flushed, and the work against the run's GEMM rate.
+    if meta["flushed"]:
+        assert all(rows[n]["fwd_bwd_ms_flushed"] > 0 for n in ("cpp", "reference", "lstm"))
+        assert all("fwd_bwd_flushed" in r for r in report["ratios"])
+    assert meta["gemm_gflops"] > 0
+    fractions = {r["contender"]: r for r in report["gemm_fractions"]}
+    assert {"cpp", "reference", "lstm"} <= set(fractions)
+    assert fractions["cpp"]["gflop_fwd_bwd"] == fractions["reference"]["gflop_fwd_bwd"] > 0
+    assert 0 < fractions["cpp"]["fwd_bwd"]
 
 
 def test_every_cpu_build_and_the_scan_alone(tmp_path):
@@ -100,3 +109,45 @@ def test_combine_ratios_takes_the_median_per_pair():
             for f, b in ((10.0, 30.0), (2.0, 20.0), (4.0, 25.0))]
     (row,) = bench.combine_ratios(rows)
     assert (row["fwd"], row["fwd_bwd"], row["rounds"]) == (4.0, 25.0, 3)
+
+
+def test_flop_counts():
+    """bench/flops.py on a two-layer stack: the dense terms by formula, the spike terms from the
+    nonzeros of the layers' own outputs, the neuron terms per neuron and step."""
+    import flops
+
+    torch.manual_seed(0)
+    T, B, sizes = 30, 3, [5, 7, 6]
+    stack = bench.SRNNStack(sizes, "cpp")
+    x = torch.rand(T, B, sizes[0]) + 0.1  # dense: every input nonzero
+    got = flops.srnn_stack_flops(stack.layers, x)
+    with torch.no_grad():
+        s1, _ = stack.layers[0](x)
+        s2, _ = stack.layers[1](s1)
+    N, (I, H1, H2) = T * B, sizes
+    nz = lambda s: int(torch.count_nonzero(s[:-1]))  # noqa: E731  (s_{t-1} for t >= 1)
+    assert 0 < nz(s1) and 2 * int(torch.count_nonzero(s1)) < s1.numel()  # layer 2's input is sparse
+    fwd_spike = nz(s1) * H1 + int(torch.count_nonzero(s1)) * H2 + N * H2 + nz(s2) * H2
+    assert got["fwd"]["dense"] == 2 * N * I * H1 + N * H1
+    assert got["fwd"]["spike"] == fwd_spike
+    assert got["fwd"]["neuron"] == flops.NEURON_FWD * N * (H1 + H2)
+    assert got["fwd_bwd"]["dense"] == 2 * (2 * N * I * H1 + N * H1) + 2 * N * (H1 * H1 + H2 * H2) + 2 * N * H2 * H1
+    assert got["fwd_bwd"]["spike"] == 2 * fwd_spike
+    assert got["fwd_bwd"]["total"] == sum(v for k, v in got["fwd_bwd"].items() if k != "total")
+    assert flops.rnn_stack_flops("lstm", sizes, T, B)["fwd"]["total"] == 2 * N * 4 * (H1 * (I + H1) + H2 * (H1 + H2))
+
+
+def test_subnormals_flushed_in_every_thread():
+    """The flushed timings flush subnormals in all of torch's threads (torch.set_flush_denormal
+    alone reaches only the calling thread), and only inside the block."""
+    if not bench.can_flush_subnormals():
+        pytest.skip("this CPU cannot flush subnormals")
+    before = torch.get_num_threads()
+    big = torch.full((1 << 20,), 1e-39)  # subnormal float32; torch's mul splits it over the threads
+    try:
+        torch.set_num_threads(2)
+        with bench.subnormals_flushed():
+            assert bool(((big * 1.0) == 0).all())
+        assert bool(((big * 1.0) != 0).all())
+    finally:
+        torch.set_num_threads(before)
