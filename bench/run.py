@@ -71,6 +71,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import srnn_fast  # noqa: E402
+from srnn_fast._ops import cpu_build  # noqa: E402
 from flops import gemm_rate, rnn_stack_flops, srnn_stack_flops  # noqa: E402
 from measure import median_time, saved_bytes  # noqa: E402
 from srnn_fast.reference import reference_step, srnn_scan_ref  # noqa: E402
@@ -257,18 +258,8 @@ def make_input(shape: dict, device, scan: bool = False) -> torch.Tensor:
 @contextlib.contextmanager
 def capability_of(contender: str):
     """Runs the CPU build a "cpp-<build>" contender names, inside the block."""
-    cap = split_capability(contender)[1]
-    if cap is None:
+    with cpu_build(split_capability(contender)[1]):
         yield
-        return
-    from srnn_fast import _C
-
-    previous = _C.cpu_capability()
-    _C.set_cpu_capability(cap)
-    try:
-        yield
-    finally:
-        _C.set_cpu_capability(previous)
 
 
 # Contenders whose first forward + forward-backward take longer than this get at most 3
@@ -566,8 +557,9 @@ def combine_ratios(per_round: list, combined: dict = None) -> list:
     return out
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--backends", default=None,
@@ -594,7 +586,16 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
                    help="folder for results.json and results.md (default bench/out)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None, p=None):
+    """The arguments; a wrong value ends the command with argparse's one error line (exit status 2)."""
+    p = p or build_parser()
     args = p.parse_args(argv)
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            p.error(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1; got {args.rounds}")
@@ -603,21 +604,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = {}
     for name in args.shapes.split(","):
-        if name not in SHAPES:
-            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
         shapes[name] = dict(SHAPES[name], **(QUICK if args.quick else {}))
     if args.child:  # one contender, one shape; the parent reads the JSON line
         shape = shapes[args.shapes]
         print(json.dumps(measure(args.child, shape, device, args.repeats, args.warmup)))
         return 0
 
-    fused = expand_capabilities(fused_backends(device), args.cpu_capability)
+    try:
+        fused = expand_capabilities(fused_backends(device), args.cpu_capability)
+    except ValueError as e:
+        parser.error(str(e))
     peers = ["reference"] if args.scan else (
         list(PEERS) + [p for p, (module, _) in LIBRARY_PEERS.items() if _importable(module)])
     contenders = fused + peers
@@ -626,7 +629,7 @@ def main(argv=None) -> int:
         wanted = [c for w in wanted for c in ([f for f in fused if f.startswith("cpp")] if w == "cpp" else [w])]
         unknown = [w for w in wanted if w not in contenders and w not in ("cpp", "cuda", "triton")]
         if unknown:
-            raise SystemExit(f"--backends: unknown {unknown}; choose from {', '.join(contenders)}")
+            parser.error(f"--backends: unknown {unknown}; choose from {', '.join(contenders)}")
         contenders = [c for c in contenders if c in wanted]
         for w in wanted:  # a fused backend asked for by name but not usable here: say why
             if w in ("cpp", "cuda", "triton") and w not in fused:
@@ -712,7 +715,8 @@ def _with_flops(round_results: dict, combined: dict) -> dict:
 
 def expand_capabilities(fused: list, wanted) -> list:
     """The cpp backend once per CPU build asked for ("cpp-<build>" when more than one, or
-    another than the active one); other fused backends as they are."""
+    another than the active one); other fused backends as they are. A build this CPU cannot run:
+    ValueError."""
     if "cpp" not in fused or not wanted:
         return fused
     from srnn_fast import _C
@@ -721,7 +725,7 @@ def expand_capabilities(fused: list, wanted) -> list:
     caps = supported if wanted == "all" else wanted.split(",")
     bad = [c for c in caps if c not in supported]
     if bad:
-        raise SystemExit(f"--cpu-capability: {', '.join(bad)} not among the builds this CPU runs "
+        raise ValueError(f"--cpu-capability: {', '.join(bad)} not among the builds this CPU runs "
                          f"({', '.join(supported)})")
     if caps == [_active_capability()]:
         return fused

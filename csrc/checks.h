@@ -2,17 +2,36 @@
 //
 // Every op checks all its tensors here before any kernel runs, so kernels may assume
 // validated input; each message names the argument, what it got (shape, dtype, device)
-// and what was expected. Device-agnostic: nothing here reads tensor data.
+// and what was expected. Device-agnostic: nothing here reads tensor data
+// (poisoning writes outputs through ATen, on whatever device they live).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <string>
 
 namespace srnn {
+
+// SRNN_FAST_POISON=1 fills every output with NaN (spike words with all bits set) before the
+// kernels run, so a test sees any element a kernel forgot to write; otherwise outputs are
+// left uninitialised. `poisoned` takes a fresh output and returns it.
+inline bool poison_outputs() {
+  const char* v = std::getenv("SRNN_FAST_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+inline at::Tensor poisoned(at::Tensor t) {
+  if (poison_outputs()) {
+    if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else t.fill_(-1);
+  }
+  return t;
+}
 
 inline std::string describe(const at::Tensor& t) {
   std::ostringstream os;

@@ -31,13 +31,6 @@
 namespace srnn {
 namespace {
 
-// SRNN_FAST_POISON=1 fills every output with NaN (spike words with all bits set) before
-// the kernels run, so a test sees any element a kernel forgot to write.
-bool poison_outputs() {
-  const char* v = std::getenv("SRNN_FAST_POISON");
-  return v != nullptr && v[0] == '1';
-}
-
 // Tensors of MBs (the [T, B, H] outputs, the layer's x_proj and dI scratch, the per-block dW
 // partials) are fresh memory from mmap on every call (glibc maps large requests): each 4 KB
 // page faults and is zeroed at its first touch, and the kernels, which walk them one step
@@ -61,12 +54,8 @@ void advise_huge_pages(const at::Tensor& t) {  // for tensors of kHugePageMinByt
 
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(shape, opts);
-  advise_huge_pages(t);
-  if (poison_outputs()) {
-    if (at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
-    else t.fill_(-1);
-  }
-  return t;
+  advise_huge_pages(t);  // before the first touch, which poisoning may be
+  return poisoned(t);
 }
 
 // alpha and rho come from exp(-dt / tau) in Python; a NaN/inf tau or an alpha of 1 (tau too

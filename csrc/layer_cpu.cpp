@@ -367,9 +367,7 @@ at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions&
     buf = at::empty({total}, opts);
     advise_huge_pages(buf);
   }
-  at::Tensor out = buf.narrow(0, 0, numel).view(sizes);
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // stale values must not count
-  return out;
+  return poisoned(buf.narrow(0, 0, numel).view(sizes));  // a kept buffer's stale values must not count
 }
 
 // x_proj [T, B, H] = x W_in^T + b: one GEMM over all steps, into the x_proj scratch buffer.

@@ -4,6 +4,9 @@ torch.compile. Importing this never fails: a missing extension is recorded in
 EXTENSION_ERROR and reported by the backends that need it."""
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 
 try:
@@ -12,6 +15,23 @@ except ImportError as e:  # not built, or built against another torch
     EXTENSION_ERROR = f"{type(e).__name__}: {e}"
 else:
     EXTENSION_ERROR = None
+
+
+@contextlib.contextmanager
+def cpu_build(name: Optional[str]):
+    """Runs the CPU kernels' ``name`` build (avx512, avx2, default) inside the block and the
+    one in use before after it; None leaves the build as it is."""
+    if name is None:
+        yield name
+        return
+    from . import _C
+
+    previous = _C.cpu_capability()
+    _C.set_cpu_capability(name)
+    try:
+        yield name
+    finally:
+        _C.set_cpu_capability(previous)
 
 
 def _words(H: int) -> int:

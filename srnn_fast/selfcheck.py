@@ -11,7 +11,6 @@ spikes equal the reference's and every other output and gradient is within 1e-9 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import NamedTuple, Optional
 
@@ -150,23 +149,9 @@ def _targets() -> list:
     return out
 
 
-@contextlib.contextmanager
-def _cpu_build(isa: Optional[str]):
-    if isa is None:
-        yield
-        return
-    from . import _C
-
-    before = _C.cpu_capability()
-    _C.set_cpu_capability(isa)
-    try:
-        yield
-    finally:
-        _C.set_cpu_capability(before)
-
-
 def check_rows(cases=CASES) -> list:
     """The rows of :func:`check`, computed without printing."""
+    from ._ops import cpu_build
     from .scan import BACKEND_TABLE, TEST_BACKENDS
 
     refs = []
@@ -178,7 +163,7 @@ def check_rows(cases=CASES) -> list:
     for label, backend, device, isa in _targets():
         for dtype in (torch.float64, torch.float32):
             worst, n, error = (0.0, 1.0, "-"), 0, None
-            with _cpu_build(isa):
+            with cpu_build(isa):
                 for case, inputs, upstream, ref in refs:
                     if not fits[backend](torch.empty(case.H, case.H, dtype=dtype)):
                         continue

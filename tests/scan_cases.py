@@ -5,12 +5,12 @@ Every backend test (cpp, cuda, triton) builds cases with ``make_case`` and compa
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
 from srnn_fast import SRNNState, srnn_scan
+from srnn_fast._ops import cpu_build as cpu_capability  # runs a build of the CPU kernels inside a block
 from srnn_fast.reference import srnn_scan_ref
 # The tolerance table (float32 against float64; float64 to 1e-9 relative) lives in the
 # package, where srnn_fast.check() holds every backend on a user's machine to the same one.
@@ -43,19 +43,6 @@ def cpu_capabilities() -> list:
     supported = _C.supported_cpu_capabilities()
     assert supported, "srnn_fast._C offers no build of the CPU kernels"
     return supported
-
-
-@contextlib.contextmanager
-def cpu_capability(name: str):
-    """Runs the CPU kernels' ``name`` build inside the block."""
-    from srnn_fast import _C
-
-    previous = _C.cpu_capability()
-    _C.set_cpu_capability(name)
-    try:
-        yield name
-    finally:
-        _C.set_cpu_capability(previous)
 
 
 def check_each_cpu_capability(run_fn, check):

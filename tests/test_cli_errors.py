@@ -14,6 +14,7 @@ from srnn_fast.data.synthetic import write_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import epoch_time  # noqa: E402
+import run as bench_run  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -83,6 +84,23 @@ def test_bench_epoch_time(argv, message, files, capsys):
         epoch_time.main(common + [a.format(**fill) for a in argv])
     assert exc.value.code == 1
     _one_error_line(capsys, "python bench/epoch_time.py", message.format(**fill))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "ecg,lstm"], "--shapes: unknown shape 'lstm'; choose from ecg, shd, smnist"),
+    (["--backends", "cpp,nope"], "--backends: unknown ['nope']"),
+    (["--cpu-capability", "avx1024"], "--cpu-capability: avx1024 not among the builds this CPU runs"),
+], ids=["shapes", "backends", "cpu-capability"])
+def test_bench_run(argv, message, tmp_path, capsys):
+    """bench/run.py's wrong flag values end as argparse's own do: the usage, then one error line, exit status 2."""
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--quick", "--out", str(tmp_path)] + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage: python bench/run.py"), err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("python bench/run.py: error: ") and message in last, err
+    assert not any(tmp_path.iterdir())  # nothing measured or written
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--evaluate"])
