@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from .cuda_resources import SM_COUNTS, SMEM_OPTIN_LIMIT
+
 try:
     from . import _cuda_sim
 except ImportError as e:  # not built (not Linux, SRNN_FAST_BUILD_SIM=0) or built against another torch
@@ -29,9 +31,8 @@ else:
     SIM_ERROR = None
 
 # What the emulated device reports: multiprocessors, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-# static shared memory of a kernel (cuda_resources.py has the same figures).
-SM90 = dict(sms=132, smem_optin=232448, static_smem=0)  # H100 / H200 SXM
-SM80 = dict(sms=108, smem_optin=166912, static_smem=0)  # A100
+# static shared memory of a kernel; the figures the resource checks plan with.
+SM90, SM80 = (dict(sms=SM_COUNTS[cc], smem_optin=SMEM_OPTIN_LIMIT[cc], static_smem=0) for cc in (90, 80))
 
 _HINT = ("Build it with: pip install -e . --no-build-isolation (on Linux; SRNN_FAST_BUILD_SIM=1 forces it, "
          "SRNN_FAST_BUILD_SIM=0 leaves it out)")

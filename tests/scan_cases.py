@@ -14,7 +14,7 @@ from srnn_fast._ops import cpu_build as cpu_capability  # runs a build of the CP
 from srnn_fast.reference import srnn_scan_ref
 # The tolerance table (float32 against float64; float64 to 1e-9 relative) lives in the
 # package, where srnn_fast.check() holds every backend on a user's machine to the same one.
-from srnn_fast.selfcheck import FLOAT32_TOL, FLOAT64_RTOL
+from srnn_fast.selfcheck import FLOAT32_TOL, FLOAT64_RTOL, rel_err
 
 NAMES = ("x_proj", "w_rec", "tau_m", "tau_adp", "u0", "eta0", "s0")
 
@@ -112,11 +112,6 @@ def reference(inputs, upstream, **kw):
 
 def fused(inputs, upstream, backend, **kw):
     return run(srnn_scan, inputs, upstream, backend=backend, **kw)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double().cpu(), ref.double().cpu()
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def check_float64(got: dict, ref: dict, rtol: float = FLOAT64_RTOL):
