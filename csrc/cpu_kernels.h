@@ -657,10 +657,67 @@ void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* 
   std::memcpy(drho_rows + off, drho, n * sizeof(double));
 }
 
+// A block's rows times a matrix: for the rows r < nr of a block of kRowBlock, out[r][j] =
+// init[j] + sum over i < n of a[r][i] * m[i * ldm + j] for j < cols (init null: 0). Used for
+// dL/dx_t = dI W_in (a = dI rows, m = W_in) and the input current b + W_in x_t of dense inputs
+// (a = x rows, m = W_in^T, init = b); add_wT_dI is the same loop, accumulating. a[r] for
+// r >= nr must still point at n readable values (zeros); those rows are not written. m's rows
+// are read in whole vectors up to cols rounded up (lanes past cols are dropped). NC vectors of
+// columns at a time for all kRowBlock rows: kRowBlock x NC register accumulators, each row of
+// m read once per block; every sum runs over i in order, so no row's result depends on the
+// others in its block.
+template <Isa ISA, typename T, int NC>
+SRNN_INLINE void rows_times_matrix_chunks(const T* __restrict m, int64_t ldm, int64_t n, const T* const* a,
+                                          int64_t nr, int64_t j0, int64_t cols, const T* __restrict init,
+                                          T* const* out) {
+  using S = Simd<ISA, T>;
+  constexpr int64_t L = S::L;
+  typename S::V acc[kRowBlock][NC];
+  for (int c = 0; c < NC; ++c) {
+    const typename S::V v = init != nullptr ? S::load(init + j0 + c * L) : typename S::V{};
+    for (int r = 0; r < kRowBlock; ++r) acc[r][c] = v;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* __restrict mi = m + i * ldm + j0;
+    typename S::V wv[NC];
+    for (int c = 0; c < NC; ++c) wv[c] = S::load(mi + c * L);
+    for (int r = 0; r < kRowBlock; ++r) {
+      const typename S::V d = splat<ISA>(a[r][i]);
+      for (int c = 0; c < NC; ++c) acc[r][c] = madd<ISA>(d, wv[c], acc[r][c]);
+    }
+  }
+  // Constant indices (static_for): acc stays in registers instead of being kept in memory.
+  static_for<kRowBlock>([&](auto r) {
+    if (r() >= nr) return;
+    static_for<NC>([&](auto c) {
+      const int64_t j = j0 + c() * L;
+      T* __restrict o = out[r()] + j;
+      if (j + L <= cols) {
+        S::store(o, acc[r()][c()]);
+      } else if (j < cols) {  // through memory: a lane-indexed vector would put acc on the stack
+        T tmp[L];
+        S::store(tmp, acc[r()][c()]);
+        for (int64_t l = 0; l < cols - j; ++l) o[l] = tmp[l];
+      }
+    });
+  });
+}
+
+template <Isa ISA, typename T>
+SRNN_INLINE void rows_times_matrix(const T* m, int64_t ldm, int64_t n, const T* const* a, int64_t nr, int64_t cols,
+                                   const T* init, T* const* out) {
+  constexpr int64_t L = Simd<ISA, T>::L;
+  constexpr int NC = IsaTraits<ISA>::kWtChunks;
+  for (int64_t j0 = 0; j0 < cols; j0 += NC * L)
+    with_chunks<NC>((cols - j0 + L - 1) / L, [&](auto nc) {
+      rows_times_matrix_chunks<ISA, T, nc()>(m, ldm, n, a, nr, j0, cols, init, out);
+    });
+}
+
 // ds[r] += W^T dI[r] for the rows of a block (dI[r] [H], kRowBlock pointers; rows past nr
-// point at zeros and are not written; W [H, Hp] zero-padded rows). NC vectors of columns at
-// a time for all kRowBlock rows: kRowBlock x NC register accumulators, each W row chunk read
-// once per block and step; every sum runs over i in order.
+// point at zeros and are not written; ds [nr, H]; W [H, Hp] zero-padded rows): rows_times_matrix
+// with m = W, accumulating. Its own copy of the loop (the stores differ): GCC's vectorizer
+// left the neuron loops of the ECG backward scalar when both shared one template (2x slower).
 template <Isa ISA, typename T, int NC>
 SRNN_INLINE void add_wT_dI_chunks(const T* __restrict w, const T* const* dI, int64_t H, int64_t Hp, int64_t j0,
                                   int64_t nr, T* __restrict ds) {
@@ -676,7 +733,6 @@ SRNN_INLINE void add_wT_dI_chunks(const T* __restrict w, const T* const* dI, int
       for (int c = 0; c < NC; ++c) acc[r][c] = madd<ISA>(d, wv[c], acc[r][c]);
     }
   }
-  // Constant indices (static_for): acc stays in registers instead of being kept in memory.
   static_for<kRowBlock>([&](auto r) {
     if (r() >= nr) return;
     static_for<NC>([&](auto c) {

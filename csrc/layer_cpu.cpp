@@ -2,12 +2,17 @@
 // recurrence of one layer over the whole sequence, forward and backward, in one op each.
 //
 // Against the scan ops (x_proj given) the layer ops:
-// - compute the input current inside the kernel, summing the W_in columns of the nonzero
-//   inputs only (spiking inputs are sparse), so no [T, B, H] x_proj is ever written;
+// - compute the input current inside the kernel, a block of rows and a step at a time while
+//   the rows are in cache: summing the W_in columns of the nonzero inputs only (spikes are
+//   sparse), or all of them in register tiles (dense inputs); no [T, B, H] x_proj is written;
 // - save for backward only the spike bits and the state (u, eta) every `ckpt_every` steps.
 //   Backward recomputes each segment of steps from its checkpoint with the same code as the
 //   forward (bit for bit: same inputs, same order of operations), then runs the segment
-//   backwards, and sums dW_in, db and dW_rec inside the kernel (dI is never written).
+//   backwards, and sums dW_in, db and dW_rec and forms dL/dx = dI W_in inside the kernel
+//   while the segment's dI is in cache (dI is never written to memory).
+// Everything dense in here is a block's rows times a matrix (rows_times_matrix) or the dW_in
+// sums of dense_input_grads; the BLAS is not used, so every sum has one fixed order: results
+// do not depend on the thread count, and the avx2 and avx512 builds agree bit for bit.
 // Contract: srnn_fast/layer.py. Neuron math: srnn_neuron.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,51 +29,85 @@ namespace {
 template <typename T>
 struct LayerArgs {
   const T* x;         // [T, B, I] layer input
-  const T* xp;        // [T, B, H]: x W_in^T + b by one GEMM (dense inputs), or null: summed in the kernel
+  const T* xp;        // [T, B, H]: x W_in^T + b by one GEMM (dense inputs, default build), or null
   const T* winT;      // [I, Hp]: W_in^T, rows zero-padded (row k = column k of W_in)
+  const T* win;       // [H, Ip]: W_in, rows zero-padded (backward with dL/dx: dI W_in), or null
   const T* bias;      // [Hp] (zeros without a bias)
   const T* wT;        // [H, Hp]: W_rec^T (forward: sums over active columns)
   const T* w;         // [H, Hp]: W_rec (backward: W^T dI)
   const T* u0;        // [B, H]
   const T* eta0;      // [B, H]
   const T* s0;        // [B, H], any real values (user state)
-  int64_t T_, B, H, Hp, I, K;  // K: steps per checkpoint segment (0: save nothing)
-};
-
-// Scratch of one row for one step: the two halves of the input current.
-template <typename T>
-struct StepScratch {
-  std::vector<T> proj, rec;
-  explicit StepScratch(int64_t Hp) : proj(Hp), rec(Hp) {}
+  const T* zeros;     // max(I, H) zeros: the rows past a block's last in rows_times_matrix
+  int64_t T_, B, H, Hp, I, Ip, K;  // K: steps per checkpoint segment (0: save nothing)
 };
 
 // The nonzero inputs x_t and the active previous spikes of one step (their indices), kept
 // by the backward's recomputation for the dW_in and dW_rec sums of the same step. The
-// caller fills s and ns (from spike bits where it has them), layer_step x and nx.
+// caller fills s and ns (from spike bits where it has them), input_current x and nx.
 struct Active {
   int32_t* x;    // [I]
   int32_t* s;    // [H]
   int64_t nx, ns;
 };
 
-// One step of one row (row = t * B + b), the single definition used by the forward and by
-// the backward's recomputation: I_t = (b + W_in x_t) + W_rec s_{t-1} (over act.s, the active
-// s_{t-1}); u, eta advance in place; s_t out. b + W_in x_t is the GEMM's row (dense inputs)
-// or a sum over the nonzero inputs (spikes).
-template <Isa ISA, typename T, bool BINARY>
-SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, int64_t row,
-                            const T* s_prev, StepScratch<T>& sc, Active& act, T* u, T* eta, T* s) {
-  const T* proj = sc.proj.data();
-  if (a.xp != nullptr) {
-    proj = a.xp + row * a.H;
-    act.nx = 0;
-  } else {
-    const T* xt = a.x + row * a.I;
-    act.nx = nonzero_index<ISA>(xt, a.I, act.x);
-    sum_rows<ISA, T, false>(a.winT, a.Hp, act.x, act.nx, xt, a.bias, sc.proj.data());
+// rows[r] -> b + W_in x_t [H] for the nr (<= kFwdRowBlock) adjacent rows row0 + r of one step,
+// in proj [nr, Hp] or (default build, dense inputs) the rows of x_proj,
+// the single definition used by the forward and by the backward's recomputation (so both
+// round alike). DENSE inputs (dense_input(x), a template parameter of the kernels, so the
+// sparse ones carry no dense code): rows_times_matrix over every input, kRowBlock rows at a time;
+// sparse ones: a sum over the nonzero inputs of each row, whose indices go to act[r * stride]
+// for the backward's dW_in sums.
+// b + W_in x_t for the nr (<= kFwdRowBlock) rows of dense inputs at x_rows0 (rows of I
+// values, adjacent) into proj [nr, Hp]: rows_times_matrix, kRowBlock rows at a time. Called out
+// of line (run_build), as are the other dense products below.
+template <typename T>
+struct DenseInputCurrent {
+  template <Isa ISA>
+  static void run(const LayerArgs<T>& a, const T* x_rows0, int64_t nr, T* proj) {
+    for (int64_t r0 = 0; r0 < nr; r0 += kRowBlock) {
+      const T* xr[kRowBlock];
+      T* out[kRowBlock];
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        xr[r] = r0 + r < nr ? x_rows0 + (r0 + r) * a.I : a.zeros;
+        out[r] = proj + (r0 + r) * a.Hp;
+      }
+      rows_times_matrix<ISA, T>(a.winT, a.Hp, a.I, xr, std::min<int64_t>(kRowBlock, nr - r0), a.Hp, a.bias, out);
+    }
   }
-  recurrent_input<ISA>(a.wT, s_prev, act.s, act.ns, false, a.Hp, sc.rec.data());
-  forward_neurons(p, nrn, a.H, proj, sc.rec.data(), s_prev, u, eta, s);
+};
+
+// rows[r] -> b + W_in x_t [H] for the nr (<= kFwdRowBlock) adjacent rows row0 + r of one step,
+// in proj [nr, Hp] or (default build, dense inputs) the rows of x_proj: the single definition
+// used by the forward and by the backward's recomputation (so both round alike). DENSE inputs
+// (dense_input(x), a template parameter of the kernels, so the sparse ones carry no dense
+// code): DenseInputCurrent over every input; sparse ones: a sum over the nonzero inputs of
+// each row, whose indices go to act[r * stride] for the backward's dW_in sums.
+template <Isa ISA, typename T, bool DENSE>
+SRNN_INLINE void input_current(const LayerArgs<T>& a, int64_t row0, int64_t nr, Active* act, int64_t stride,
+                               T* proj, const T** rows) {
+  for (int64_t r = 0; r < nr; ++r) rows[r] = a.xp != nullptr ? a.xp + (row0 + r) * a.H : proj + r * a.Hp;
+  if constexpr (DENSE) {
+    if (a.xp == nullptr) run_build<ISA, DenseInputCurrent<T>>(a, a.x + row0 * a.I, nr, proj);
+    for (int64_t r = 0; r < nr; ++r) act[r * stride].nx = 0;
+  } else {
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* xt = a.x + (row0 + r) * a.I;
+      Active& ar = act[r * stride];
+      ar.nx = nonzero_index<ISA>(xt, a.I, ar.x);
+      sum_rows<ISA, T, false>(a.winT, a.Hp, ar.x, ar.nx, xt, a.bias, proj + r * a.Hp);
+    }
+  }
+}
+
+// One step of one row from its input current proj = b + W_in x_t (input_current): I_t = proj
+// + W_rec s_{t-1} (over act.s, the active s_{t-1}; rec [Hp] scratch); u, eta advance in
+// place; s_t out. The forward and the backward's recomputation both run it.
+template <Isa ISA, typename T>
+SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, const T* proj,
+                            const T* s_prev, const Active& act, T* rec, T* u, T* eta, T* s) {
+  recurrent_input<ISA>(a.wT, s_prev, act.s, act.ns, false, a.Hp, rec);
+  forward_neurons(p, nrn, a.H, proj, rec, s_prev, u, eta, s);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -84,18 +123,18 @@ struct LayerOut {
   int32_t* bits;   // [T, B, W] (binary and saving) or null
 };
 
-template <Isa ISA, typename T, bool BINARY>
+template <Isa ISA, typename T, bool BINARY, bool DENSE>
 SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& params,
                                     const Neurons<T>& nrn, int64_t b_begin, int64_t b_end) {
   Params<T> p = params;
   p.binary = BINARY;
   const int64_t H = a.H, B = a.B, W = spike_words(H), R = kFwdRowBlock;
-  std::vector<T> u(R * H), eta(R * H);
-  StepScratch<T> sc(a.Hp);
+  std::vector<T> u(R * H), eta(R * H), proj(R * a.Hp), rec(a.Hp);
   std::vector<int32_t> xidx(a.I), sidx(R * H), words(W);
   std::vector<Active> act(R);
-  for (int64_t r = 0; r < R; ++r) act[r] = Active{xidx.data(), sidx.data() + r * H, 0, 0};
+  for (int64_t r = 0; r < R; ++r) act[r] = Active{xidx.data(), sidx.data() + r * H, 0, 0};  // x: used at once
   const T* s_prev[kFwdRowBlock];
+  const T* proj_rows[kFwdRowBlock];
   for (int64_t b0 = b_begin; b0 < b_end; b0 += R) {  // rows b0 .. b0 + nr - 1 in lockstep over t
     const int64_t nr = std::min(R, b_end - b0);
     std::memcpy(u.data(), a.u0 + b0 * H, nr * H * sizeof(T));
@@ -117,10 +156,12 @@ SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o,
         else prefetch_row(a.x + ahead * a.I, nr * a.I * sizeof(T));
         prefetch_row<true>(o.s + ahead * H, nr * H * sizeof(T));
       }
+      input_current<ISA, T, DENSE>(a, row0, nr, act.data(), 1, proj.data(), proj_rows);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = row0 + r;
         T* st = o.s + row * H;
-        layer_step<ISA, T, BINARY>(a, p, nrn, row, s_prev[r], sc, act[r], u.data() + r * H, eta.data() + r * H, st);
+        layer_step<ISA>(a, p, nrn, proj_rows[r], s_prev[r], act[r], rec.data(), u.data() + r * H,
+                        eta.data() + r * H, st);
         if (BINARY) {  // the next step's active set from the bits: cost follows the spike count
           pack_bits<ISA>(st, H, words.data());
           if (o.bits != nullptr) std::memcpy(o.bits + row * W, words.data(), W * sizeof(int32_t));
@@ -137,12 +178,12 @@ SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o,
 }
 
 // The kernel of cpu_isa.h's run_kernel: built once per instruction set.
-template <typename T, bool BINARY>
+template <typename T, bool BINARY, bool DENSE>
 struct LayerForward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const LayerArgs<T>& a, const LayerOut<T>& o, const Params<T>& p, const Neurons<T>& n, int64_t b,
                   int64_t e) {
-    layer_forward_rows<ISA, T, BINARY>(a, o, p, n, b, e);
+    layer_forward_rows<ISA, T, BINARY, DENSE>(a, o, p, n, b, e);
   }
 };
 
@@ -158,20 +199,64 @@ struct LayerGrads {
   const T* eta_ckpt;    // [C, B, H]
   const int32_t* bits;  // [T, B, W] (binary) or null
   const T* s_seq;       // [T, B, H] (relu) or null
-  T* dI;                // [T, B, H] dL/dI_t for the sums after the kernel (dense inputs, or dL/dx
-                        // needed), or null
+  T* grad_x;            // [T, B, I]: dL/dx_t = dI_t W_in, row by row as dI_t is found; or null
+  T* dI;                // [T, B, H]: dL/dI_t for dL/dx by one GEMM afterwards (default build), or null
   T* grad_u0;           // [B, H]
   T* grad_eta0;         // [B, H]
   T* grad_s0;           // [B, H]
   double* dalpha_num;   // [B, H] per-row sums, reduced over B in row order afterwards; null
                         // (and drho too): no tau gradient asked for, the sums are skipped
   double* drho;         // [B, H]
-  T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T), or null (dense)
+  double* win_acc;      // [nblocks, I + 1, H] (dense inputs): per-block dW_in and db sums, or null
+  T* win_part;          // [nblocks, I, Hp]: per-block sums of x_k dI (dW_in^T) (sparse inputs), or null
   T* bias_part;         // [nblocks, Hp], or null (dense)
   T* wrec_part;         // [nblocks, H, Hp]: per-block sums of s_j dI (dW_rec^T)
 };
 
-template <Isa ISA, typename T, bool BINARY>
+// acc [(I + 1), H] (float64) += sum over the n rows of dI [n, ld] (whole vectors readable) of
+// x_k dI (dW_in^T) and dI (db, input I with x = 1): the dense-input weight gradients of one
+// segment of a block, in tiles of kGradInputs inputs and kWtChunks vectors of columns, each
+// summed over at most kGradChunkRows rows in registers and then added in float64.
+template <typename T>
+struct DenseInputGrads {
+  template <Isa ISA>
+  static void run(const T* dI, int64_t ld, const T* x, int64_t n_rows, int64_t H, int64_t I, double* acc) {
+    using S = Simd<ISA, T>;
+    constexpr int64_t L = S::L, W = IsaTraits<ISA>::kWtChunks * L;  // columns per register tile
+    static const T one = T(1);
+    const int64_t inputs = I + 1;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += kGradChunkRows) {
+      const int64_t n = std::min(kGradChunkRows, n_rows - r0);
+      for (int64_t i0 = 0; i0 < inputs; i0 += kGradInputs) {
+        const int ni = int(std::min<int64_t>(kGradInputs, inputs - i0));
+        const T* x_col[kGradInputs];
+        int64_t x_step[kGradInputs];
+        for (int k = 0; k < kGradInputs; ++k) {
+          const int64_t i = i0 + std::min(k, ni - 1);
+          x_col[k] = i < I ? x + r0 * I + i : &one;
+          x_step[k] = i < I ? I : 0;
+        }
+        for (int64_t h0 = 0; h0 < H; h0 += W) {
+          const int64_t cols = std::min(W, H - h0), nv = (cols + L - 1) / L;
+          with_chunks<IsaTraits<ISA>::kWtChunks>(nv, [&](auto nc) {
+            dense_dw_tile<ISA, T, nc()>(dI + r0 * ld + h0, ld, n, x_col, x_step, ni, cols, acc + i0 * H + h0, H);
+          });
+        }
+      }
+    }
+  }
+};
+
+// dL/dx_t = dI_t W_in for the rows r < nr of a block (gx[r] [I]; W_in [H, Ip] zero-padded rows).
+template <typename T>
+struct InputGradRows {
+  template <Isa ISA>
+  static void run(const T* win, int64_t Ip, int64_t H, const T* const* dI, int64_t nr, int64_t I, T* const* gx) {
+    rows_times_matrix<ISA, T>(win, Ip, H, dI, nr, I, nullptr, gx);
+  }
+};
+
+template <Isa ISA, typename T, bool BINARY, bool DENSE>
 SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& params,
                                       const Neurons<T>& nrn, int64_t blk) {
   Params<T> p = params;
@@ -179,22 +264,24 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
   const int64_t H = a.H, B = a.B, T_ = a.T_, K = a.K, Hp = a.Hp, I = a.I, W = spike_words(H);
   const int64_t R = kRowBlock, b0 = blk * R, nr = std::min(R, B - b0);
   // Segment buffers: u and eta [R, K+1, H] (the state before each step and after the last),
-  // s_{t-1} [R, K, Hp] (rows padded: unpack_bits writes whole vectors), and the active
-  // inputs / spikes of each step [R, K]. s_new takes the recomputed s_t (equal to the bits).
+  // s_{t-1} [R, K, Hp] (rows padded: unpack_bits writes whole vectors), the active inputs /
+  // spikes of each step [R, K], and dI [K, R, Hp] (rows past nr stay zero; dense inputs: the
+  // segment's x rows alongside, [K, R, I], for its dW_in sums). s_new takes the recomputed s_t.
   std::vector<T> u_seg(R * (K + 1) * H), e_seg(R * (K + 1) * H), s_seg(R * K * Hp), s_new(H);
-  std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI(R * Hp, T(0));
+  std::vector<T> du(R * H), deta(R * H), ds(R * H, T(0)), sg(H), dI_seg(K * R * Hp, T(0)), proj(R * Hp), rec(Hp);
+  std::vector<T> x_seg(DENSE ? K * R * I : 0, T(0));
+  const T* proj_rows[kRowBlock];
   std::vector<double> dalpha(R * H, 0.0), drho(R * H, 0.0);
-  StepScratch<T> sc(Hp);
   std::vector<int32_t> xidx_seg(R * K * I), sidx_seg(R * K * H);
   std::vector<Active> act_seg(R * K);
   for (int64_t k = 0; k < R * K; ++k) act_seg[k] = Active{xidx_seg.data() + k * I, sidx_seg.data() + k * H, 0, 0};
-  const T* dI_rows[kRowBlock];  // rows past nr stay zero
-  for (int64_t r = 0; r < R; ++r) dI_rows[r] = dI.data() + r * Hp;
-  const bool sparse_in = a.xp == nullptr;  // else dW_in and db are summed over g.dI afterwards
-  T* win_g = sparse_in ? g.win_part + blk * I * Hp : nullptr;
-  T* bias_g = sparse_in ? g.bias_part + blk * Hp : nullptr;
+  T* win_g = DENSE ? nullptr : g.win_part + blk * I * Hp;
+  T* bias_g = DENSE ? nullptr : g.bias_part + blk * Hp;
+  double* win_acc = DENSE ? g.win_acc + blk * (I + 1) * H : nullptr;
   T* wrec_g = g.wrec_part + blk * H * Hp;
-  if (sparse_in) {
+  if (DENSE) {
+    std::fill(win_acc, win_acc + (I + 1) * H, 0.0);
+  } else {
     std::fill(win_g, win_g + I * Hp, T(0));
     std::fill(bias_g, bias_g + Hp, T(0));
   }
@@ -203,8 +290,8 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
     std::memcpy(du.data() + r * H, g.grad_u_T + (b0 + r) * H, H * sizeof(T));
     std::memcpy(deta.data() + r * H, g.grad_eta_T + (b0 + r) * H, H * sizeof(T));
   }
-  // What the recomputation of step t reads for the block's rows: x_t (or its projection) and
-  // the bits of s_{t-1}. The rows of one step are contiguous: one prefetch run covers them.
+  // What the recomputation of step t reads for the block's rows: x_t and the bits of s_{t-1}.
+  // The rows of one step are contiguous: one prefetch run covers them.
   const auto prefetch_step_inputs = [&](int64_t t) {
     const int64_t row = t * B + b0;
     if (a.xp != nullptr) prefetch_row(a.xp + row * H, nr * H * sizeof(T));
@@ -224,6 +311,8 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
     }
     for (int64_t t = t0; t < t1; ++t) {
       if (t + kPrefetchSteps < t1) prefetch_step_inputs(t + kPrefetchSteps);
+      input_current<ISA, T, DENSE>(a, t * B + b0, nr, act_seg.data() + (t - t0), K, proj.data(), proj_rows);
+      if (DENSE) std::memcpy(x_seg.data() + (t - t0) * R * I, a.x + (t * B + b0) * I, nr * I * sizeof(T));
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t b = b0 + r;
         T* u = u_seg.data() + r * (K + 1) * H;
@@ -245,31 +334,35 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
         T* en = e + (t - t0 + 1) * H;
         std::memcpy(un, un - H, H * sizeof(T));
         std::memcpy(en, en - H, H * sizeof(T));
-        layer_step<ISA, T, BINARY>(a, p, nrn, t * B + b, sp, sc, act, un, en, s_new.data());
+        layer_step<ISA>(a, p, nrn, proj_rows[r], sp, act, rec.data(), un, en, s_new.data());
       }
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {
-      if (t >= kPrefetchSteps) {  // the dL/ds rows (and dI rows to write) kPrefetchSteps steps on
+      if (t >= kPrefetchSteps) {  // the dL/ds rows (and dL/dx rows to write) kPrefetchSteps steps on
         const int64_t ahead = (t - kPrefetchSteps) * B + b0;
         prefetch_row(g.grad_s + ahead * H, nr * H * sizeof(T));
+        if (g.grad_x != nullptr) prefetch_row<true>(g.grad_x + ahead * I, nr * I * sizeof(T));
         if (g.dI != nullptr) prefetch_row<true>(g.dI + ahead * H, nr * H * sizeof(T));
       }
       if (t - t0 < kPrefetchSteps && t0 > 0) prefetch_step_inputs(t - K);  // the next segment's first steps
+      const int64_t j = t - t0;
+      const T* dI_rows[kRowBlock];  // rows past nr are zero
+      for (int64_t r = 0; r < R; ++r) dI_rows[r] = dI_seg.data() + (j * R + r) * Hp;
       for (int64_t r = 0; r < nr; ++r) {
-        const int64_t b = b0 + r, j = t - t0;
+        const int64_t b = b0 + r;
         const T* u = u_seg.data() + (r * (K + 1) + j) * H;
         const T* e = e_seg.data() + (r * (K + 1) + j) * H;
         const T* sp = s_seg.data() + (r * K + j) * Hp;
-        T* dIr = dI.data() + r * Hp;
-        backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H, dIr,
-                                    ds.data() + r * H, du.data() + r * H, deta.data() + r * H,
-                                    g.dalpha_num != nullptr ? dalpha.data() + r * H : nullptr,
-                                    g.dalpha_num != nullptr ? drho.data() + r * H : nullptr);
+        T* dIr = dI_seg.data() + (j * R + r) * Hp;
+        backward_neurons<ISA, T, BINARY>(p, nrn, H, sg.data(), u, u + H, e, e + H, sp, g.grad_s + (t * B + b) * H,
+                                         dIr, ds.data() + r * H, du.data() + r * H, deta.data() + r * H,
+                                         g.dalpha_num != nullptr ? dalpha.data() + r * H : nullptr,
+                                         g.dalpha_num != nullptr ? drho.data() + r * H : nullptr);
         // dW_rec^T[j] += s_j dI over the active neurons; for sparse inputs also dW_in^T[k] +=
-        // x_k dI over the nonzero inputs and db += dI.
+        // x_k dI over the nonzero inputs and db += dI (dense inputs: per segment, below).
         const Active& act = act_seg[r * K + j];
         add_to_rows<ISA>(wrec_g, Hp, act.s, act.ns, sp, dIr);
-        if (sparse_in) {
+        if (!DENSE) {
           add_to_rows<ISA>(win_g, Hp, act.x, act.nx, a.x + (t * B + b) * I, dIr);
 #pragma omp simd
           for (int64_t i = 0; i < Hp; ++i) bias_g[i] += dIr[i];
@@ -277,18 +370,25 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
         if (g.dI != nullptr) std::memcpy(g.dI + (t * B + b) * H, dIr, H * sizeof(T));
       }
       add_wT_dI<ISA>(a.w, dI_rows, nr, H, Hp, ds.data());
+      if (g.grad_x != nullptr) {
+        T* gx[kRowBlock];
+        for (int64_t r = 0; r < R; ++r) gx[r] = g.grad_x + (t * B + b0 + r) * I;
+        run_build<ISA, InputGradRows<T>>(a.win, a.Ip, H, dI_rows, nr, I, gx);
+      }
     }
+    // Dense inputs: dW_in and db of the segment's rows while their dI and x are in cache.
+    if constexpr (DENSE) run_build<ISA, DenseInputGrads<T>>(dI_seg.data(), Hp, x_seg.data(), (t1 - t0) * R, H, I, win_acc);
   }
   store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), g.grad_u0, g.grad_eta0,
                     g.grad_s0, g.dalpha_num, g.drho);
 }
 
-template <typename T, bool BINARY>
+template <typename T, bool BINARY, bool DENSE>
 struct LayerBackward : CpuKernel<T> {
   template <Isa ISA>
   static void run(const LayerArgs<T>& a, const LayerGrads<T>& g, const Params<T>& p, const Neurons<T>& n,
                   int64_t blk_begin, int64_t blk_end) {
-    for (int64_t blk = blk_begin; blk < blk_end; ++blk) layer_backward_block<ISA, T, BINARY>(a, g, p, n, blk);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) layer_backward_block<ISA, T, BINARY, DENSE>(a, g, p, n, blk);
   }
 };
 
@@ -341,14 +441,30 @@ at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t H, const a
 // dense_input_grads), at higher throughput.
 constexpr double kDenseInput = 0.25;
 
-// Whether x counts as dense, from its first steps: a pure function of x, so forward and
-// backward decide alike, and cheap (the whole of x is not read).
+// Whether x counts as dense, from kDenseSampleSteps steps spread evenly over the sequence: a
+// pure function of x, so forward and backward decide alike, and cheap (the whole of x is not
+// read). Not the first steps alone: a spiking layer's output starts with a burst (S-MNIST's
+// layer 1: 25 % of its neurons fire in each of the first 8 steps from u = 0, 6 % over the
+// sequence), which sent the next layer down the dense path at 4x its spike-driven work.
+constexpr int64_t kDenseSampleSteps = 16;
+
 bool dense_input(const at::Tensor& x) {
-  const at::Tensor head = x.narrow(0, 0, std::min<int64_t>(x.size(0), 8));
-  return double(head.count_nonzero().item<int64_t>()) > kDenseInput * double(head.numel());
+  const int64_t T_ = x.size(0), n = std::min(T_, kDenseSampleSteps);
+  const at::Tensor steps = at::linspace(0, double(T_ - 1), n, x.options().dtype(at::kDouble)).round().to(at::kLong);
+  const at::Tensor sample = x.index_select(0, steps);
+  return double(sample.count_nonzero().item<int64_t>()) > kDenseInput * double(sample.numel());
 }
 
-// Scratch buffers of the dense-input path (x_proj, dI: [T, B, H], used within one op call),
+// The BLAS torch ships picks its own vector width at run time (MKL runs AVX-512 here even
+// when the default build of these kernels runs), so for the default build (SSE2 / NEON
+// vectors, no FMA) the dense products over many steps stay whole-sequence GEMMs: x_proj
+// [T, B, H] (dense inputs; input_current copies its rows) and dL/dx = dI W_in from a dI
+// [T, B, H] written by the kernel. On avx2 / avx512 the kernels' register tiles run them at
+// the BLAS's rate with the rows in cache, so neither [T, B, H] buffer exists there. Measured:
+// bench/RESULTS.md, issue 47.
+bool blas_dense_products(Isa isa) { return isa == Isa::kDefault; }
+
+// Scratch buffers of that path (x_proj, dI: [T, B, H], used within one op call),
 // kept by the calling thread for its next call. A fresh buffer that size comes from mmap and
 // goes back to the OS when freed (glibc), so every call paid a page fault and a zeroed page
 // per 4 KB: a third of the S-MNIST stack's time (bench/RESULTS.md). Buffers over
@@ -356,10 +472,9 @@ bool dense_input(const at::Tensor& x) {
 enum Scratch { kScratchXProj = 0, kScratchDI = 1 };
 constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
 
-// `pad` more elements after the tensor's end stay readable (values unspecified).
-at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts, int64_t pad = 0) {
+at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   thread_local at::Tensor kept[2];
-  const int64_t numel = c10::multiply_integers(sizes), total = numel + pad;
+  const int64_t numel = c10::multiply_integers(sizes), total = numel;
   at::Tensor fresh;  // a buffer over kScratchMaxBytes lives for this call only
   at::Tensor& buf = total * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes ? fresh : kept[slot];
   if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < total) {
@@ -382,13 +497,20 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w_in, const std::optio
 }
 
 template <typename T>
-LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& winT, const at::Tensor& b,
-                        const at::Tensor& wT, const at::Tensor& w, const at::Tensor& u0, const at::Tensor& eta0,
-                        const at::Tensor& s0, const LayerShape& sh, int64_t K) {
-  return LayerArgs<T>{x.data_ptr<T>(),  xp.defined() ? xp.data_ptr<T>() : nullptr,
-                      winT.data_ptr<T>(), b.data_ptr<T>(), wT.data_ptr<T>(), w.defined() ? w.data_ptr<T>() : nullptr,
-                      u0.data_ptr<T>(), eta0.data_ptr<T>(), s0.data_ptr<T>(),
-                      sh.T_, sh.B, sh.H, winT.size(1), sh.I, K};
+LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& winT,
+                        const at::Tensor& win,
+                        const at::Tensor& b, const at::Tensor& wT, const at::Tensor& w, const at::Tensor& u0,
+                        const at::Tensor& eta0, const at::Tensor& s0, const at::Tensor& zeros, const LayerShape& sh,
+                        int64_t K) {
+  return LayerArgs<T>{x.data_ptr<T>(), xp.defined() ? xp.data_ptr<T>() : nullptr, winT.data_ptr<T>(), win.defined() ? win.data_ptr<T>() : nullptr,
+                      b.data_ptr<T>(), wT.data_ptr<T>(), w.defined() ? w.data_ptr<T>() : nullptr,
+                      u0.data_ptr<T>(), eta0.data_ptr<T>(), s0.data_ptr<T>(), zeros.data_ptr<T>(),
+                      sh.T_, sh.B, sh.H, winT.size(1), sh.I, win.defined() ? win.size(1) : 0, K};
+}
+
+// max(I, H) zeros: what rows_times_matrix reads for the rows past a block's last.
+at::Tensor zero_row(const LayerShape& sh, const at::TensorOptions& opts) {
+  return at::zeros({std::max(sh.I, sh.H)}, opts);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cpu(
@@ -407,8 +529,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor bits = new_output(K > 0 && binary ? at::IntArrayRef{T_, B, spike_words(H)} : at::IntArrayRef{0},
                                opts.dtype(at::kInt));
   const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t()), bp = padded_bias(bias, H, opts);
-  const at::Tensor wT = padded_rows(w_rec.t());
-  const at::Tensor xp = dense_input(xc) ? project(xc, w_in, bias) : at::Tensor();
+  const at::Tensor wT = padded_rows(w_rec.t()), zeros = zero_row(sh, opts);
+  const Isa isa = active_isa();
+  const bool dense = dense_input(xc);
+  const at::Tensor xp = dense && blas_dense_products(isa) ? project(xc, w_in, bias) : at::Tensor();
   const at::Tensor a_c = alpha.contiguous(), r_c = rho.contiguous();
   const at::Tensor u0c = u0.contiguous(), eta0c = eta0.contiguous(), s0c = s0.contiguous();
   AT_DISPATCH_FLOATING_TYPES(w_rec.scalar_type(), "srnn_fast::layer_fwd", [&] {
@@ -417,14 +541,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_decay_values<T>(r_c, "rho", "tau_adp", true);
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m);
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
-    const LayerArgs<T> args = layer_args<T>(xc, xp, winT, bp, wT, at::Tensor(), u0c, eta0c, s0c, sh, K);
+    const LayerArgs<T> args =
+        layer_args<T>(xc, xp, winT, at::Tensor(), bp, wT, at::Tensor(), u0c, eta0c, s0c, zeros, sh, K);
     const LayerOut<T> out{s.data_ptr<T>(), u_T.data_ptr<T>(), eta_T.data_ptr<T>(),
                           K > 0 ? u_ckpt.data_ptr<T>() : nullptr, K > 0 ? eta_ckpt.data_ptr<T>() : nullptr,
                           K > 0 && binary ? bits.data_ptr<int32_t>() : nullptr};
-    const Isa isa = active_isa();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      binary ? run_kernel<LayerForward<T, true>>(isa, args, out, p, nrn, begin, end)
-             : run_kernel<LayerForward<T, false>>(isa, args, out, p, nrn, begin, end);
+      binary ? (dense ? run_kernel<LayerForward<T, true, true>>(isa, args, out, p, nrn, begin, end)
+                      : run_kernel<LayerForward<T, true, false>>(isa, args, out, p, nrn, begin, end))
+             : (dense ? run_kernel<LayerForward<T, false, true>>(isa, args, out, p, nrn, begin, end)
+                      : run_kernel<LayerForward<T, false, false>>(isa, args, out, p, nrn, begin, end));
     });
   });
   return {s, u_T, eta_T, u_ckpt, eta_ckpt, bits};
@@ -448,61 +574,16 @@ void reduce_transposed(const T* part, int64_t nblocks, int64_t rows, int64_t Hp,
   });
 }
 
-// Tiles [tile_begin, tile_end) of the dense-input weight gradients (dense_dw_tile): tile t is
-// inputs kGradInputs (t % n_ib) .. and columns kGradCols (t / n_ib) ..; the row chunks run
-// outermost, so a chunk of dI and x stays in cache while the range's tiles read it.
-template <typename T>
-struct DenseInputGrad : CpuKernel<T> {
-  template <Isa ISA>
-  static void run(const T* dI, const T* x, int64_t N, int64_t H, int64_t I, bool with_bias, double* acc,
-                  int64_t tile_begin, int64_t tile_end) {
-    using S = Simd<ISA, T>;
-    constexpr int64_t L = S::L, W = IsaTraits<ISA>::kWtChunks * L;  // columns per register tile
-    static const T one = T(1);
-    const int64_t inputs = I + (with_bias ? 1 : 0), n_ib = (inputs + kGradInputs - 1) / kGradInputs;
-    for (int64_t r0 = 0; r0 < N; r0 += kGradChunkRows) {
-      const int64_t n = std::min(kGradChunkRows, N - r0);
-      for (int64_t t = tile_begin; t < tile_end; ++t) {
-        const int64_t i0 = (t % n_ib) * kGradInputs, h_end = std::min(H, (t / n_ib + 1) * kGradCols);
-        const int ni = int(std::min<int64_t>(kGradInputs, inputs - i0));
-        const T* x_col[kGradInputs];
-        int64_t x_step[kGradInputs];
-        for (int k = 0; k < kGradInputs; ++k) {
-          const int64_t i = i0 + std::min(k, ni - 1);
-          x_col[k] = i < I ? x + r0 * I + i : &one;
-          x_step[k] = i < I ? I : 0;
-        }
-        for (int64_t h0 = (t / n_ib) * kGradCols; h0 < h_end; h0 += W) {
-          const int64_t cols = std::min(W, h_end - h0), nv = (cols + L - 1) / L;
-          // The last vector of a row may read past column H, into the next row (or, after the
-          // last row, the scratch's padding: dense_input_grads): lanes that dense_dw_tile
-          // drops, which only spares a zero-padded copy of the columns.
-          with_chunks<IsaTraits<ISA>::kWtChunks>(nv, [&](auto nc) {
-            dense_dw_tile<ISA, T, nc()>(dI + r0 * H + h0, H, n, x_col, x_step, ni, cols, acc + i0 * H + h0, H);
-          });
-        }
-      }
+// out[k] = sum over blocks of part[blk, k] for k < n (part [nblocks, n], float64), in block order
+// (deterministic for any thread count); parallel over k.
+void reduce_blocks(const double* part, int64_t nblocks, int64_t n, double* out) {
+  at::parallel_for(0, n, 1024, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
+      double acc = 0.0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) acc += part[blk * n + k];
+      out[k] = acc;
     }
-  }
-};
-
-// grad_w_in = dI^T x and grad_bias = the column sums of dI for dense inputs (dI2 [N, H], x2
-// [N, I]) by DenseInputGrad, in float64 and rounded once: the same for any thread count.
-void dense_input_grads(const at::Tensor& dI2, const at::Tensor& x2, at::Tensor& grad_w_in, at::Tensor* grad_bias,
-                       Isa isa) {
-  const int64_t N = dI2.size(0), H = dI2.size(1), I = x2.size(1), inputs = I + (grad_bias ? 1 : 0);
-  const int64_t tiles = (H + kGradCols - 1) / kGradCols * ((inputs + kGradInputs - 1) / kGradInputs);
-  at::Tensor acc = at::zeros({inputs, H}, grad_w_in.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(dI2.scalar_type(), "srnn_fast::dense_input_grads", [&] {
-    using T = scalar_t;
-    const T *d = dI2.data_ptr<T>(), *x = x2.data_ptr<T>();
-    double* a = acc.data_ptr<double>();
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      run_kernel<DenseInputGrad<T>>(isa, d, x, N, H, I, grad_bias != nullptr, a, begin, end);
-    });
   });
-  grad_w_in.copy_(acc.narrow(0, 0, I).t());
-  if (grad_bias) grad_bias->copy_(acc.select(0, I));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -536,17 +617,20 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
   const at::Tensor xc = x.contiguous(), winT = padded_rows(w_in.t());
   const at::Tensor bp = padded_bias(bias, H, opts), wT = padded_rows(w_rec.t()), w = padded_rows(w_rec);
   const int64_t Hp = wT.size(1), nblocks = (B + kRowBlock - 1) / kRowBlock;
-  // Dense inputs: x_proj by GEMM (as in forward), and dW_in, db from dI afterwards (dense_input_grads).
+  // Dense inputs: dW_in and db summed per block and segment in float64 (win_acc), else in the
+  // per-block float32 partials row by row over the nonzero inputs (win_part, bias_part).
   const bool dense = dense_input(xc);
-  const at::Tensor xp = dense ? project(xc, w_in, bias) : at::Tensor();
-  // dI [T, B, H] for the sums after the kernel: dW_in = dI^T x (dense), dL/dx = dI W_in (a GEMM).
-  // Padded to a whole 64-byte vector past the last row: DenseInputGrad's last vector may read there.
-  const int64_t dI_pad = padded(H, int64_t(opts.dtype().itemsize())) - H;
-  const at::Tensor dI = dense || need_grad_x ? scratch(kScratchDI, {T_, B, H}, opts, dI_pad) : at::Tensor();
+  const Isa isa = active_isa();
+  const bool blas = blas_dense_products(isa);
+  const at::Tensor xp = dense && blas ? project(xc, w_in, bias) : at::Tensor();
+  const at::Tensor dI = need_grad_x && blas ? scratch(kScratchDI, {T_, B, H}, opts) : at::Tensor();
+  const at::Tensor win = need_grad_x && !blas ? padded_rows(w_in) : at::Tensor(), zeros = zero_row(sh, opts);
   at::Tensor part = at::empty({need_grad_tau ? 2 : 0, B, H}, opts.dtype(at::kDouble));
+  at::Tensor win_acc = at::empty({dense ? nblocks : 0, I + 1, H}, opts.dtype(at::kDouble));
   at::Tensor win_part = at::empty({dense ? 0 : nblocks, I, Hp}, opts);
   at::Tensor bias_part = at::empty({dense ? 0 : nblocks, 1, Hp}, opts);
   at::Tensor wrec_part = at::empty({nblocks, H, Hp}, opts);
+  advise_huge_pages(win_acc);
   advise_huge_pages(win_part);
   advise_huge_pages(wrec_part);
   const at::Tensor gs = grad_s.contiguous(), guT = grad_u_T.contiguous(), geT = grad_eta_T.contiguous();
@@ -559,34 +643,41 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
     check_decay_values<T>(r_c, "rho", "tau_adp", true);
     const Params<T> p = make_params<T>(binary, b0, beta, dt, r_m, sigma, gamma, int(surrogate));
     const Neurons<T> nrn(a_c.data_ptr<T>(), r_c.data_ptr<T>(), p.r_m, H);
-    const LayerArgs<T> args = layer_args<T>(xc, xp, winT, bp, wT, w, u0c, eta0c, s0c, sh, K);
+    const LayerArgs<T> args = layer_args<T>(xc, xp, winT, win, bp, wT, w, u0c, eta0c, s0c, zeros, sh, K);
     double* dalpha_part = need_grad_tau ? part.data_ptr<double>() : nullptr;
     double* drho_part = need_grad_tau ? dalpha_part + B * H : nullptr;
     const LayerGrads<T> g{gs.data_ptr<T>(), guT.data_ptr<T>(), geT.data_ptr<T>(), uck.data_ptr<T>(),
                           eck.data_ptr<T>(), binary ? spk.data_ptr<int32_t>() : nullptr,
-                          binary ? nullptr : spk.data_ptr<T>(), dI.defined() ? dI.data_ptr<T>() : nullptr,
+                          binary ? nullptr : spk.data_ptr<T>(),
+                          need_grad_x && !blas ? grad_x.data_ptr<T>() : nullptr,
+                          dI.defined() ? dI.data_ptr<T>() : nullptr,
                           grad_u0.data_ptr<T>(), grad_eta0.data_ptr<T>(), grad_s0.data_ptr<T>(), dalpha_part,
-                          drho_part, dense ? nullptr : win_part.data_ptr<T>(),
+                          drho_part, dense ? win_acc.data_ptr<double>() : nullptr,
+                          dense ? nullptr : win_part.data_ptr<T>(),
                           dense ? nullptr : bias_part.data_ptr<T>(), wrec_part.data_ptr<T>()};
-    const Isa isa = active_isa();
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-      binary ? run_kernel<LayerBackward<T, true>>(isa, args, g, p, nrn, begin, end)
-             : run_kernel<LayerBackward<T, false>>(isa, args, g, p, nrn, begin, end);
+      binary ? (dense ? run_kernel<LayerBackward<T, true, true>>(isa, args, g, p, nrn, begin, end)
+                      : run_kernel<LayerBackward<T, true, false>>(isa, args, g, p, nrn, begin, end))
+             : (dense ? run_kernel<LayerBackward<T, false, true>>(isa, args, g, p, nrn, begin, end)
+                      : run_kernel<LayerBackward<T, false, false>>(isa, args, g, p, nrn, begin, end));
     });
     // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
     if (need_grad_tau)
       reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
     reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
-    if (!dense) {
+    if (dense) {
+      at::Tensor sums = at::empty({I + 1, H}, opts.dtype(at::kDouble));
+      reduce_blocks(win_acc.data_ptr<double>(), nblocks, (I + 1) * H, sums.data_ptr<double>());
+      grad_w_in.copy_(sums.narrow(0, 0, I).t());
+      if (has_bias) grad_bias.copy_(sums.select(0, I));
+    } else {
       reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
       if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());
     }
   });
-  const at::Tensor dI2 = dI.defined() ? dI.view({T_ * B, H}) : at::Tensor();
-  if (dense) dense_input_grads(dI2, xc.view({T_ * B, I}), grad_w_in, has_bias ? &grad_bias : nullptr, active_isa());
-  if (need_grad_x) {
+  if (dI.defined()) {
     at::Tensor grad_x2 = grad_x.view({T_ * B, I});
-    at::mm_out(grad_x2, dI2, w_in);
+    at::mm_out(grad_x2, dI.view({T_ * B, H}), w_in);
   }
   return {grad_x, grad_w_in, grad_bias, grad_w_rec, grad_alpha, grad_rho, grad_u0, grad_eta0, grad_s0};
 }
@@ -597,4 +688,5 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
 TORCH_LIBRARY_IMPL(srnn_fast, CPU, m) {
   m.impl("layer_fwd", &srnn::layer_fwd_cpu);
   m.impl("layer_bwd", &srnn::layer_bwd_cpu);
+  m.impl("layer_dense_input", &srnn::dense_input);
 }

@@ -109,4 +109,7 @@ TORCH_LIBRARY(srnn_fast, m) {
       "float sigma, float gamma, int ckpt_every, bool need_grad_x, bool need_grad_tau=True) "
       "-> (Tensor grad_x, Tensor grad_w_in, Tensor grad_bias, Tensor grad_w_rec, Tensor grad_alpha, "
       "Tensor grad_rho, Tensor grad_u0, Tensor grad_eta0, Tensor grad_s0)");
+  // Whether the layer ops take x [T,B,I] as dense (the projection over every input) rather
+  // than summing over its nonzeros: the choice they make, for tests and benchmarks.
+  m.def("layer_dense_input(Tensor x) -> bool");
 }

@@ -2,7 +2,7 @@
 recurrence in one kernel, checkpointed backward. Held to the scan's rules (spec section 4)
 against the reference path F.linear + srnn_scan_ref, on every build of the CPU kernels this
 machine runs, with sparse inputs (projection summed in the kernel) and dense ones (one GEMM;
-kDenseInput in csrc/layer_cpu.cpp: more than 25 % nonzero in the first steps)."""
+kDenseInput in csrc/layer_cpu.cpp: more than 25 % nonzero in 16 steps spread over the sequence)."""
 import pytest
 import torch
 
@@ -232,3 +232,18 @@ def test_layer_rejects_bad_input():
     with pytest.raises(ValueError, match="tau_m must be finite"):
         srnn_layer(inputs["x"], inputs["w_in"], inputs["bias"], inputs["w_rec"], -inputs["tau_m"],
                    inputs["tau_adp"], backend="cpp")
+
+
+def test_dense_or_sparse_input_from_steps_over_the_whole_sequence():
+    """The layer ops pick the dense path (projection over every input) when more than 25 % of x
+    is nonzero in 16 steps spread over the sequence: a burst in the first steps alone (a spiking
+    layer's start from u = 0: S-MNIST's layer 1 fires 25 % in each of its first 8 steps and
+    6 % over the sequence) must not send the next layer down the dense path."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(784, 4, 120, generator=g) < 0.06).float()
+    x[:8] = (torch.rand(8, 4, 120, generator=g) < 0.3).float()
+    dense_input = torch.ops.srnn_fast.layer_dense_input
+    assert not dense_input(x)
+    assert dense_input((torch.rand(784, 4, 120, generator=g) < 0.3).float())
+    assert dense_input(torch.rand(3, 2, 5, generator=g))  # T < 16: every step
+    assert not dense_input(torch.zeros(1, 1, 1))
