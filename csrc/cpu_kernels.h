@@ -657,16 +657,17 @@ void store_block_grads(int64_t b0, int64_t nr, int64_t H, const T* du, const T* 
   std::memcpy(drho_rows + off, drho, n * sizeof(double));
 }
 
-// A block's rows times a matrix: for the rows r < nr of a block of kRowBlock, out[r][j] =
-// init[j] + sum over i < n of a[r][i] * m[i * ldm + j] for j < cols (init null: 0). Used for
-// dL/dx_t = dI W_in (a = dI rows, m = W_in) and the input current b + W_in x_t of dense inputs
-// (a = x rows, m = W_in^T, init = b); add_wT_dI is the same loop, accumulating. a[r] for
+// A block's rows times a matrix, every dense product of the kernels: for the rows r < nr of a
+// block of kRowBlock, out[r][j] = init[j] + sum over i < n of a[r][i] * m[i * ldm + j] for
+// j < cols (init null: 0), or out[r][j] += that sum (ACCUMULATE, init null). Used for W^T dI
+// (a = dI rows, m = W_rec, out = dL/ds_{t-1}, accumulating), dL/dx_t = dI W_in (m = W_in) and
+// the input current b + W_in x_t of dense inputs (a = x rows, m = W_in^T, init = b). a[r] for
 // r >= nr must still point at n readable values (zeros); those rows are not written. m's rows
 // are read in whole vectors up to cols rounded up (lanes past cols are dropped). NC vectors of
 // columns at a time for all kRowBlock rows: kRowBlock x NC register accumulators, each row of
 // m read once per block; every sum runs over i in order, so no row's result depends on the
 // others in its block.
-template <Isa ISA, typename T, int NC>
+template <Isa ISA, typename T, int NC, bool ACCUMULATE>
 SRNN_INLINE void rows_times_matrix_chunks(const T* __restrict m, int64_t ldm, int64_t n, const T* const* a,
                                           int64_t nr, int64_t j0, int64_t cols, const T* __restrict init,
                                           T* const* out) {
@@ -693,79 +694,45 @@ SRNN_INLINE void rows_times_matrix_chunks(const T* __restrict m, int64_t ldm, in
       const int64_t j = j0 + c() * L;
       T* __restrict o = out[r()] + j;
       if (j + L <= cols) {
-        S::store(o, acc[r()][c()]);
+        S::store(o, ACCUMULATE ? S::load(o) + acc[r()][c()] : acc[r()][c()]);
       } else if (j < cols) {  // through memory: a lane-indexed vector would put acc on the stack
         T tmp[L];
         S::store(tmp, acc[r()][c()]);
-        for (int64_t l = 0; l < cols - j; ++l) o[l] = tmp[l];
+        for (int64_t l = 0; l < cols - j; ++l) o[l] = ACCUMULATE ? o[l] + tmp[l] : tmp[l];
       }
     });
   });
 }
 
-template <Isa ISA, typename T>
+template <Isa ISA, typename T, bool ACCUMULATE = false>
 SRNN_INLINE void rows_times_matrix(const T* m, int64_t ldm, int64_t n, const T* const* a, int64_t nr, int64_t cols,
                                    const T* init, T* const* out) {
   constexpr int64_t L = Simd<ISA, T>::L;
   constexpr int NC = IsaTraits<ISA>::kWtChunks;
   for (int64_t j0 = 0; j0 < cols; j0 += NC * L)
     with_chunks<NC>((cols - j0 + L - 1) / L, [&](auto nc) {
-      rows_times_matrix_chunks<ISA, T, nc()>(m, ldm, n, a, nr, j0, cols, init, out);
+      rows_times_matrix_chunks<ISA, T, nc(), ACCUMULATE>(m, ldm, n, a, nr, j0, cols, init, out);
     });
 }
 
 // ds[r] += W^T dI[r] for the rows of a block (dI[r] [H], kRowBlock pointers; rows past nr
-// point at zeros and are not written; ds [nr, H]; W [H, Hp] zero-padded rows): rows_times_matrix
-// with m = W, accumulating. Its own copy of the loop (the stores differ): GCC's vectorizer
-// left the neuron loops of the ECG backward scalar when both shared one template (2x slower).
-template <Isa ISA, typename T, int NC>
-SRNN_INLINE void add_wT_dI_chunks(const T* __restrict w, const T* const* dI, int64_t H, int64_t Hp, int64_t j0,
-                                  int64_t nr, T* __restrict ds) {
-  using S = Simd<ISA, T>;
-  constexpr int64_t L = S::L;
-  typename S::V acc[kRowBlock][NC] = {};
-  for (int64_t i = 0; i < H; ++i) {
-    const T* __restrict wi = w + i * Hp + j0;
-    typename S::V wv[NC];
-    for (int c = 0; c < NC; ++c) wv[c] = S::load(wi + c * L);
-    for (int r = 0; r < kRowBlock; ++r) {
-      const typename S::V d = splat<ISA>(dI[r][i]);
-      for (int c = 0; c < NC; ++c) acc[r][c] = madd<ISA>(d, wv[c], acc[r][c]);
-    }
-  }
-  static_for<kRowBlock>([&](auto r) {
-    if (r() >= nr) return;
-    static_for<NC>([&](auto c) {
-      const int64_t j = j0 + c() * L;
-      T* __restrict out = ds + r() * H + j;
-      if (j + L <= H) {
-        S::store(out, S::load(out) + acc[r()][c()]);
-      } else if (j < H) {
-        T tmp[L];
-        S::store(tmp, acc[r()][c()]);
-        for (int64_t l = 0; l < H - j; ++l) out[l] += tmp[l];
-      }
-    });
-  });
-}
-
+// point at zeros and are not written; ds [nr, H]; W [H, Hp] zero-padded rows).
 template <Isa ISA, typename T>
 SRNN_INLINE void add_wT_dI(const T* w, const T* const* dI, int64_t nr, int64_t H, int64_t Hp, T* ds) {
-  constexpr int64_t L = Simd<ISA, T>::L;
-  constexpr int NC = IsaTraits<ISA>::kWtChunks;
-  for (int64_t j0 = 0; j0 < H; j0 += NC * L)
-    with_chunks<NC>((H - j0 + L - 1) / L, [&](auto nc) { add_wT_dI_chunks<ISA, T, nc()>(w, dI, H, Hp, j0, nr, ds); });
+  T* out[kRowBlock];
+  for (int r = 0; r < kRowBlock; ++r) out[r] = ds + r * H;
+  rows_times_matrix<ISA, T, true>(w, Hp, H, dI, nr, H, nullptr, out);
 }
 
-// The dense-input weight gradients dW_in = dI^T x and db = sum of the rows of dI (dI [N, H],
-// x [N, I], N = T B rows), as DenseInputGrad (layer_cpu.cpp) runs them: every (h, i) sums its
-// rows in order, in T within chunks of kGradChunkRows rows and the chunk sums in float64, so
-// the result depends on neither the thread count nor the tiling (a BLAS GEMM over N rows does:
-// MKL splits that reduction across threads on Intel CPUs). A tile is kGradInputs inputs x
-// kGradCols columns h; the bias is input I with x = 1.
+// The dense-input weight gradients dW_in = dI^T x and db = sum of the rows of dI, as
+// DenseInputGrads (layer_cpu.cpp) runs them per row block and segment: every (h, i) sums the
+// segment's rows in order in registers, at most kGradChunkRows of them, and adds that sum to a
+// per-block float64 total; the blocks' totals are added in block order. So the result depends
+// on neither the thread count nor the tiling (a BLAS GEMM over all rows does: MKL splits that
+// reduction across threads on Intel CPUs). A tile is kGradInputs inputs; the bias is input I
+// with x = 1.
 constexpr int64_t kGradChunkRows = 128;
 constexpr int kGradInputs = 4;
-constexpr int64_t kGradCols = 64;
 
 // acc [(I + 1), H] (float64) += the sums over rows r < n of xs[k][r] * d[r, 0 .. NC L) for the
 // tile's inputs k < ni (xs[k][r] = x_col[k][r * x_step[k]]; unused k repeat the last input);

@@ -11,8 +11,9 @@
 //   backwards, and sums dW_in, db and dW_rec and forms dL/dx = dI W_in inside the kernel
 //   while the segment's dI is in cache (dI is never written to memory).
 // Everything dense in here is a block's rows times a matrix (rows_times_matrix) or the dW_in
-// sums of dense_input_grads; the BLAS is not used, so every sum has one fixed order: results
-// do not depend on the thread count, and the avx2 and avx512 builds agree bit for bit.
+// sums of DenseInputGrads, each sum in one fixed order: results do not depend on the thread
+// count, and the avx2 and avx512 builds agree bit for bit. Only the default build hands the
+// projection and dL/dx to the BLAS (blas_dense_products).
 // Contract: srnn_fast/layer.py. Neuron math: srnn_neuron.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -433,12 +434,11 @@ at::Tensor padded_bias(const std::optional<at::Tensor>& bias, int64_t H, const a
   return out;
 }
 
-// The fraction of nonzero inputs above which the projection b + W_in x_t runs as one GEMM
-// over all steps (torch's BLAS) instead of inside the kernel over the nonzero inputs only.
-// Measured on the bench shapes (bench/RESULTS.md): the kernel's sparse sum costs about
-// (nonzeros x H) per step, three times (forward, recomputation, dW_in); the dense path costs
-// I x H per step three times too (the x_proj GEMM, forward and recomputed, and the dW_in sum of
-// dense_input_grads), at higher throughput.
+// The fraction of nonzero inputs above which the projection b + W_in x_t runs over every input
+// in register tiles (DenseInputCurrent, DenseInputGrads) instead of over the nonzero inputs
+// only. The sparse sums cost about nonzeros x H per row and step, three times (forward,
+// recomputation, dW_in), with a load and store of a dW_in row per nonzero; the dense path
+// I x H three times, at several times the throughput (bench/RESULTS.md).
 constexpr double kDenseInput = 0.25;
 
 // Whether x counts as dense, from kDenseSampleSteps steps spread evenly over the sequence: a

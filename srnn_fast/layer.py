@@ -2,10 +2,11 @@
 
 ``srnn_layer(x, w_in, bias, w_rec, ...)`` computes ``srnn_scan(x @ w_in.T + bias, w_rec, ...)``.
 Where the backend has fused layer kernels (today "cpp": ``srnn_fast::layer_fwd`` /
-``layer_bwd`` on CPU tensors), the projection runs inside the kernel over the nonzero inputs
-only, and forward saves for backward just the spike bits plus the state (u, eta) every
+``layer_bwd`` on CPU tensors), the projection runs inside the kernel, over the nonzero inputs
+only (spikes) or over all of them in register tiles while the rows are in cache (dense
+inputs), and forward saves for backward just the spike bits plus the state (u, eta) every
 ``CKPT_EVERY`` steps; backward recomputes each segment from its checkpoint (bit for bit) and
-sums dW_in, db and dW_rec inside the kernel. Elsewhere it is the projection GEMM plus the
+sums dW_in, db and dW_rec and forms dL/dx inside the kernel. Elsewhere it is the projection GEMM plus the
 backend's scan. The backend is chosen by ``scan.resolve_backend`` like any scan.
 
 Kernel contract (alpha = exp(-dt / tau_m), rho = exp(-dt / tau_adp), computed here):

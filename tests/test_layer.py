@@ -105,7 +105,8 @@ def test_float32_against_float64(T, B, I, H, density, neuron):
 
 def test_poisoned_outputs_are_all_written(monkeypatch):
     """SRNN_FAST_POISON=1 NaN-fills every output and reused scratch buffer before the kernels
-    run (density 0.3: the dense path, whose x_proj and dI buffers are kept between calls)."""
+    run (density 0.3: the dense path; on the default build its x_proj and dI buffers are kept
+    between calls)."""
     inputs, upstream = make_layer_case(CKPT_EVERY * 2 + 3, 5, 6, 40, seed=11)
     clean = run_layer(inputs, upstream, "cpp")
     monkeypatch.setenv("SRNN_FAST_POISON", "1")
