@@ -31,8 +31,8 @@
 namespace srnn {
 namespace {
 
-// Tensors of MBs (the [T, B, H] outputs, the layer's x_proj and dI scratch, the per-block dW
-// partials) are fresh memory from mmap on every call (glibc maps large requests): each 4 KB
+// Tensors of MBs (the [T, B, H] outputs, the default build's x_proj and dI scratch, the per-block
+// dW partials) are fresh memory from mmap on every call (glibc maps large requests): each 4 KB
 // page faults and is zeroed at its first touch, and the kernels, which walk them one step
 // (B x H values) at a time, miss the TLB on nearly every row they touch. With transparent huge pages (Linux, THP mode
 // "madvise" or "always") that is one fault and one TLB entry per 2 MB: the S-MNIST stack's

@@ -52,13 +52,6 @@ struct Active {
   int64_t nx, ns;
 };
 
-// rows[r] -> b + W_in x_t [H] for the nr (<= kFwdRowBlock) adjacent rows row0 + r of one step,
-// in proj [nr, Hp] or (default build, dense inputs) the rows of x_proj,
-// the single definition used by the forward and by the backward's recomputation (so both
-// round alike). DENSE inputs (dense_input(x), a template parameter of the kernels, so the
-// sparse ones carry no dense code): rows_times_matrix over every input, kRowBlock rows at a time;
-// sparse ones: a sum over the nonzero inputs of each row, whose indices go to act[r * stride]
-// for the backward's dW_in sums.
 // b + W_in x_t for the nr (<= kFwdRowBlock) rows of dense inputs at x_rows0 (rows of I
 // values, adjacent) into proj [nr, Hp]: rows_times_matrix, kRowBlock rows at a time. Called out
 // of line (run_build), as are the other dense products below.
@@ -378,7 +371,8 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
       }
     }
     // Dense inputs: dW_in and db of the segment's rows while their dI and x are in cache.
-    if constexpr (DENSE) run_build<ISA, DenseInputGrads<T>>(dI_seg.data(), Hp, x_seg.data(), (t1 - t0) * R, H, I, win_acc);
+    if constexpr (DENSE)
+      run_build<ISA, DenseInputGrads<T>>(dI_seg.data(), Hp, x_seg.data(), (t1 - t0) * R, H, I, win_acc);
   }
   store_block_grads(b0, nr, H, du.data(), deta.data(), ds.data(), dalpha.data(), drho.data(), g.grad_u0, g.grad_eta0,
                     g.grad_s0, g.dalpha_num, g.drho);
@@ -392,6 +386,16 @@ struct LayerBackward : CpuKernel<T> {
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) layer_backward_block<ISA, T, BINARY, DENSE>(a, g, p, n, blk);
   }
 };
+
+// Kernel<T, BINARY, DENSE>'s build for isa (run_kernel), the two flags known at run time.
+template <template <typename, bool, bool> class Kernel, typename T, typename... Args>
+void run_layer_kernel(bool binary, bool dense, Isa isa, const Args&... args) {
+  if (binary) {
+    dense ? run_kernel<Kernel<T, true, true>>(isa, args...) : run_kernel<Kernel<T, true, false>>(isa, args...);
+  } else {
+    dense ? run_kernel<Kernel<T, false, true>>(isa, args...) : run_kernel<Kernel<T, false, false>>(isa, args...);
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Host side: checks, padded weight copies, outputs.
@@ -458,7 +462,7 @@ bool dense_input(const at::Tensor& x) {
 // The BLAS torch ships picks its own vector width at run time (MKL runs AVX-512 here even
 // when the default build of these kernels runs), so for the default build (SSE2 / NEON
 // vectors, no FMA) the dense products over many steps stay whole-sequence GEMMs: x_proj
-// [T, B, H] (dense inputs; input_current copies its rows) and dL/dx = dI W_in from a dI
+// [T, B, H] (dense inputs; input_current points at its rows) and dL/dx = dI W_in from a dI
 // [T, B, H] written by the kernel. On avx2 / avx512 the kernels' register tiles run them at
 // the BLAS's rate with the rows in cache, so neither [T, B, H] buffer exists there. Measured:
 // bench/RESULTS.md, issue 47.
@@ -474,12 +478,12 @@ constexpr int64_t kScratchMaxBytes = int64_t(256) << 20;
 
 at::Tensor scratch(Scratch slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
   thread_local at::Tensor kept[2];
-  const int64_t numel = c10::multiply_integers(sizes), total = numel;
+  const int64_t numel = c10::multiply_integers(sizes);
   at::Tensor fresh;  // a buffer over kScratchMaxBytes lives for this call only
-  at::Tensor& buf = total * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes ? fresh : kept[slot];
-  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < total) {
+  at::Tensor& buf = numel * int64_t(opts.dtype().itemsize()) > kScratchMaxBytes ? fresh : kept[slot];
+  if (!buf.defined() || buf.scalar_type() != opts.dtype().toScalarType() || buf.numel() < numel) {
     buf = at::Tensor();  // free the old one first
-    buf = at::empty({total}, opts);
+    buf = at::empty({numel}, opts);
     advise_huge_pages(buf);
   }
   return poisoned(buf.narrow(0, 0, numel).view(sizes));  // a kept buffer's stale values must not count
@@ -497,13 +501,13 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w_in, const std::optio
 }
 
 template <typename T>
-LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& winT,
-                        const at::Tensor& win,
+LayerArgs<T> layer_args(const at::Tensor& x, const at::Tensor& xp, const at::Tensor& winT, const at::Tensor& win,
                         const at::Tensor& b, const at::Tensor& wT, const at::Tensor& w, const at::Tensor& u0,
                         const at::Tensor& eta0, const at::Tensor& s0, const at::Tensor& zeros, const LayerShape& sh,
                         int64_t K) {
-  return LayerArgs<T>{x.data_ptr<T>(), xp.defined() ? xp.data_ptr<T>() : nullptr, winT.data_ptr<T>(), win.defined() ? win.data_ptr<T>() : nullptr,
-                      b.data_ptr<T>(), wT.data_ptr<T>(), w.defined() ? w.data_ptr<T>() : nullptr,
+  return LayerArgs<T>{x.data_ptr<T>(),   xp.defined() ? xp.data_ptr<T>() : nullptr,
+                      winT.data_ptr<T>(), win.defined() ? win.data_ptr<T>() : nullptr,
+                      b.data_ptr<T>(),    wT.data_ptr<T>(), w.defined() ? w.data_ptr<T>() : nullptr,
                       u0.data_ptr<T>(), eta0.data_ptr<T>(), s0.data_ptr<T>(), zeros.data_ptr<T>(),
                       sh.T_, sh.B, sh.H, winT.size(1), sh.I, win.defined() ? win.size(1) : 0, K};
 }
@@ -547,41 +551,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                           K > 0 ? u_ckpt.data_ptr<T>() : nullptr, K > 0 ? eta_ckpt.data_ptr<T>() : nullptr,
                           K > 0 && binary ? bits.data_ptr<int32_t>() : nullptr};
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      binary ? (dense ? run_kernel<LayerForward<T, true, true>>(isa, args, out, p, nrn, begin, end)
-                      : run_kernel<LayerForward<T, true, false>>(isa, args, out, p, nrn, begin, end))
-             : (dense ? run_kernel<LayerForward<T, false, true>>(isa, args, out, p, nrn, begin, end)
-                      : run_kernel<LayerForward<T, false, false>>(isa, args, out, p, nrn, begin, end));
+      run_layer_kernel<LayerForward, T>(binary, dense, isa, args, out, p, nrn, begin, end);
     });
   });
   return {s, u_T, eta_T, u_ckpt, eta_ckpt, bits};
 }
 
-// out[i, k] = sum over blocks of part[blk, k, i] (part [nblocks, rows, Hp], out [H, rows]):
-// the per-block partials of dW^T summed in block order in float64 (deterministic for any
-// thread count), reading the partials row by row; parallel over k.
-template <typename T>
-void reduce_transposed(const T* part, int64_t nblocks, int64_t rows, int64_t Hp, int64_t H, T* out) {
+// out[i, k] = sum over blocks of part[blk * stride + k * ld + i] for i < H, k < rows (out [H,
+// rows]): the per-block partials of dW^T (float32 rows padded to Hp, or the dense inputs'
+// float64 sums) summed in block order in float64 (deterministic for any thread count), reading
+// the partials row by row; parallel over k.
+template <typename P, typename T>
+void reduce_transposed(const P* part, int64_t nblocks, int64_t stride, int64_t rows, int64_t ld, int64_t H, T* out) {
   at::parallel_for(0, rows, 16, [&](int64_t k_begin, int64_t k_end) {
     std::vector<double> acc(H);
     for (int64_t k = k_begin; k < k_end; ++k) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const T* __restrict p = part + (blk * rows + k) * Hp;
+        const P* __restrict p = part + blk * stride + k * ld;
         for (int64_t i = 0; i < H; ++i) acc[i] += double(p[i]);
       }
       for (int64_t i = 0; i < H; ++i) out[i * rows + k] = T(acc[i]);
-    }
-  });
-}
-
-// out[k] = sum over blocks of part[blk, k] for k < n (part [nblocks, n], float64), in block order
-// (deterministic for any thread count); parallel over k.
-void reduce_blocks(const double* part, int64_t nblocks, int64_t n, double* out) {
-  at::parallel_for(0, n, 1024, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t k = k_begin; k < k_end; ++k) {
-      double acc = 0.0;
-      for (int64_t blk = 0; blk < nblocks; ++blk) acc += part[blk * n + k];
-      out[k] = acc;
     }
   });
 }
@@ -656,23 +646,19 @@ layer_bwd_cpu(const at::Tensor& grad_s, const at::Tensor& grad_u_T, const at::Te
                           dense ? nullptr : win_part.data_ptr<T>(),
                           dense ? nullptr : bias_part.data_ptr<T>(), wrec_part.data_ptr<T>()};
     at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-      binary ? (dense ? run_kernel<LayerBackward<T, true, true>>(isa, args, g, p, nrn, begin, end)
-                      : run_kernel<LayerBackward<T, true, false>>(isa, args, g, p, nrn, begin, end))
-             : (dense ? run_kernel<LayerBackward<T, false, true>>(isa, args, g, p, nrn, begin, end)
-                      : run_kernel<LayerBackward<T, false, false>>(isa, args, g, p, nrn, begin, end));
+      run_layer_kernel<LayerBackward, T>(binary, dense, isa, args, g, p, nrn, begin, end);
     });
     // Deterministic reductions in float64: over rows (tau grads) and blocks (weights).
     if (need_grad_tau)
       reduce_tau_grads(dalpha_part, drho_part, B, H, nrn, grad_alpha.data_ptr<T>(), grad_rho.data_ptr<T>());
-    reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H, Hp, H, grad_w_rec.data_ptr<T>());
-    if (dense) {
-      at::Tensor sums = at::empty({I + 1, H}, opts.dtype(at::kDouble));
-      reduce_blocks(win_acc.data_ptr<double>(), nblocks, (I + 1) * H, sums.data_ptr<double>());
-      grad_w_in.copy_(sums.narrow(0, 0, I).t());
-      if (has_bias) grad_bias.copy_(sums.select(0, I));
+    reduce_transposed(wrec_part.data_ptr<T>(), nblocks, H * Hp, H, Hp, H, grad_w_rec.data_ptr<T>());
+    if (dense) {  // win_acc [nblocks, I + 1, H]: dW_in^T, then db
+      const double* acc = win_acc.data_ptr<double>();
+      reduce_transposed(acc, nblocks, (I + 1) * H, I, H, H, grad_w_in.data_ptr<T>());
+      if (has_bias) reduce_transposed(acc + I * H, nblocks, (I + 1) * H, 1, H, H, grad_bias.data_ptr<T>());
     } else {
-      reduce_transposed(win_part.data_ptr<T>(), nblocks, I, Hp, H, grad_w_in.data_ptr<T>());
-      if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, 1, Hp, H, grad_bias.data_ptr<T>());
+      reduce_transposed(win_part.data_ptr<T>(), nblocks, I * Hp, I, Hp, H, grad_w_in.data_ptr<T>());
+      if (has_bias) reduce_transposed(bias_part.data_ptr<T>(), nblocks, Hp, 1, Hp, H, grad_bias.data_ptr<T>());
     }
   });
   if (dI.defined()) {
