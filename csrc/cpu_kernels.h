@@ -187,7 +187,6 @@ struct Neurons {
       one_m_rho[i] = d.one_m_rho, one_m_alpha[i] = d.one_m_alpha;
     }
   }
-  Decay<T> at(int64_t i) const { return Decay<T>{alpha[i], rho[i], in_gain[i], one_m_rho[i], one_m_alpha[i]}; }
 };
 
 
@@ -339,34 +338,41 @@ struct SimdInt {
 // (movemask, AVX-512 mask registers), one instruction instead of the tree.
 template <Isa ISA, typename T>
 struct NonzeroMask {
-  static SRNN_INLINE uint32_t run(const T* x) {
-    using VF = Simd<ISA, T>;
-    return or_lanes<VF::L>((VF::load(x) != typename VF::V{}) & SimdInt<ISA, T>::lane_bits());
+  static SRNN_INLINE uint32_t run(const T* x) {  // (no run(V): see RowVectors::Whole::nonzero)
+    using S = Simd<ISA, T>;
+    return or_lanes<S::L>((S::load(x) != typename S::V{}) & SimdInt<ISA, T>::lane_bits());
   }
 };
 #if SRNN_X86_ISAS
 template <typename T>
 struct NonzeroMask<Isa::kAvx2, T> {
-  __attribute__((target("avx2"))) static inline uint32_t run(const T* x) {  // inlined by run_avx2 (flatten)
+  using V = typename Simd<Isa::kAvx2, T>::V;
+  __attribute__((target("avx2"))) static inline uint32_t run(V v) {  // inlined by run_avx2 (flatten)
     if constexpr (std::is_same_v<T, float>)
-      return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+      return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(__m256(v), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
     else
-      return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x), _mm256_setzero_pd(), _CMP_NEQ_UQ)));
+      return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(__m256d(v), _mm256_setzero_pd(), _CMP_NEQ_UQ)));
   }
 };
 template <typename T>
 struct NonzeroMask<Isa::kAvx512, T> {
-  __attribute__((target("avx512f"))) static inline uint32_t run(const T* x) {  // inlined by run_avx512
+  using V = typename Simd<Isa::kAvx512, T>::V;
+  __attribute__((target("avx512f"))) static inline uint32_t run(V v) {  // inlined by run_avx512
     if constexpr (std::is_same_v<T, float>)
-      return uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_setzero_ps(), _CMP_NEQ_UQ));
+      return uint32_t(_mm512_cmp_ps_mask(__m512(v), _mm512_setzero_ps(), _CMP_NEQ_UQ));
     else
-      return uint32_t(_mm512_cmp_pd_mask(_mm512_loadu_pd(x), _mm512_setzero_pd(), _CMP_NEQ_UQ));
+      return uint32_t(_mm512_cmp_pd_mask(__m512d(v), _mm512_setzero_pd(), _CMP_NEQ_UQ));
   }
 };
 #endif
 template <Isa ISA, typename T>
+SRNN_INLINE uint32_t nonzero_mask(typename Simd<ISA, T>::V v) {
+  return NonzeroMask<ISA, T>::run(v);
+}
+template <Isa ISA, typename T>
 SRNN_INLINE uint32_t nonzero_mask(const T* x) {
-  return NonzeroMask<ISA, T>::run(x);
+  if constexpr (ISA == Isa::kDefault) return NonzeroMask<ISA, T>::run(x);
+  else return NonzeroMask<ISA, T>::run(Simd<ISA, T>::load(x));
 }
 
 // The first n < L values at x in a vector's lanes, zeros in the others (x[n ..] is not read),
@@ -421,9 +427,13 @@ struct PartialVector<Isa::kAvx512, T> {  // inlined by run_avx512 (flatten)
 // nonzero_mask of the first n < L values at x (PartialVector; the other lanes count as zero).
 template <Isa ISA, typename T>
 SRNN_INLINE uint32_t nonzero_mask_tail(const T* x, int64_t n) {
-  T lanes[Simd<ISA, T>::L];
-  Simd<ISA, T>::store(lanes, PartialVector<ISA, T>::load(x, n));
-  return nonzero_mask<ISA>(lanes);
+  if constexpr (ISA == Isa::kDefault) {
+    T lanes[Simd<ISA, T>::L];
+    Simd<ISA, T>::store(lanes, PartialVector<ISA, T>::load(x, n));
+    return nonzero_mask<ISA>(lanes);
+  } else {
+    return nonzero_mask<ISA, T>(PartialVector<ISA, T>::load(x, n));
+  }
 }
 
 // Indices of the nonzero x[k], k < n, in increasing order; returns how many. Used for the
@@ -506,21 +516,6 @@ SRNN_INLINE void recurrent_input(const T* wT, const T* s, const int32_t* idx, in
   else sum_rows<ISA, T, false>(wT, Hp, idx, n, s, nullptr, acc);
 }
 
-// Spikes s [H] (binary) -> bits [ceil(H/32)], neuron j in bit j % 32 of word j / 32: vector
-// compares (nonzero_mask), the last partial vector through zeroed lanes (a vector's lanes lie
-// within one word: 32 % L == 0).
-template <Isa ISA, typename T>
-SRNN_INLINE void pack_bits(const T* __restrict s, int64_t H, int32_t* __restrict bits) {
-  constexpr int64_t L = Simd<ISA, T>::L;
-  for (int64_t w = 0; w * 32 < H; ++w) {
-    uint32_t word = 0;
-    const int64_t end = std::min<int64_t>(H, w * 32 + 32);
-    for (int64_t k = w * 32; k < end; k += L)
-      word |= (k + L <= end ? nonzero_mask<ISA>(s + k) : nonzero_mask_tail<ISA>(s + k, end - k)) << (k & 31);
-    bits[w] = int32_t(word);
-  }
-}
-
 // Indices of the set bits of bits [W] in increasing order (the active neurons); returns
 // how many. The cost follows the spike count.
 SRNN_INLINE int64_t bit_index(const int32_t* __restrict bits, int64_t W, int32_t* __restrict idx) {
@@ -552,13 +547,91 @@ SRNN_INLINE void unpack_bits(const int32_t* __restrict bits, int64_t H, T* __res
 // recomputed step rounds exactly like the forward step it repeats.
 // ---------------------------------------------------------------------------------------
 
-// s_t [H] from I_t = x[i] + rec[i]; u and eta advance from step t-1 to t in place.
-template <typename T>
-SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int64_t H, const T* __restrict x,
-                                 const T* __restrict rec, const T* __restrict s_prev, T* __restrict u,
-                                 T* __restrict eta, T* __restrict s) {
-#pragma omp simd
-  for (int64_t i = 0; i < H; ++i) s[i] = forward_step(p, nrn.at(i), T(x[i] + rec[i]), s_prev[i], u[i], eta[i]);
+// N values of D in one (GCC/Clang) vector type.
+template <typename D, int64_t N>
+struct VectorOf {
+  typedef D type __attribute__((vector_size(N * sizeof(D))));
+};
+
+// f(i, io) for the vectors of a row of n values: whole vectors, then the last partial one,
+// whose io reads and writes only the values < n (PartialVector). io.load / io.store move a
+// vector of T, io.add_d adds a vector of as many doubles to the float64 sums at q. The neuron
+// loops run on it in explicit vectors: `omp simd` left each row's last H % L neurons to a
+// scalar loop (ECG, H = 36, avx2: 7 % of the backward's instructions, 12 % of the forward's)
+// and GCC 12 vectorized those loops or not depending on what else was inlined into the
+// kernel. The lambdas passed in are always_inline: flatten alone left PartialVector's avx512
+// loads out of line.
+template <Isa ISA, typename T>
+struct RowVectors {
+  using S = Simd<ISA, T>;
+  using V = typename S::V;
+  using VD = typename VectorOf<double, S::L>::type;  // L doubles
+  struct Whole {
+    SRNN_INLINE V load(const T* q) const { return S::load(q); }
+    SRNN_INLINE void store(T* q, V v) const { S::store(q, v); }
+    SRNN_INLINE void add_d(double* q, VD v) const {  // q[l] += v[l]
+      VD a;
+      std::memcpy(&a, q, sizeof(VD));
+      a += v;
+      std::memcpy(q, &a, sizeof(VD));
+    }
+    // Lane l of v != 0 in bit l; v was just stored at q. From the register on x86; the default
+    // build reads q back (the vector compare of a value fresh from a vector ?: made GCC 12 fail,
+    // internal compiler error in gimple_expand_vec_cond_expr, SSE2 doubles).
+    SRNN_INLINE uint32_t nonzero(const T* q, V v) const {
+      if constexpr (ISA == Isa::kDefault) return nonzero_mask<ISA>(q);
+      else return nonzero_mask<ISA, T>(v);
+    }
+  };
+  struct Part {
+    int64_t n;
+    SRNN_INLINE V load(const T* q) const { return PartialVector<ISA, T>::load(q, n); }
+    SRNN_INLINE void store(T* q, V v) const { PartialVector<ISA, T>::store(q, v, n); }
+    SRNN_INLINE void add_d(double* q, VD v) const {
+      double a[S::L];
+      std::memcpy(a, &v, sizeof(VD));
+      for (int64_t l = 0; l < n; ++l) q[l] += a[l];
+    }
+    SRNN_INLINE uint32_t nonzero(const T* q, V v) const {  // the lanes < n only
+      if constexpr (ISA == Isa::kDefault) return nonzero_mask_tail<ISA>(q, n);
+      else return nonzero_mask<ISA, T>(v) & ((uint32_t(1) << n) - 1);
+    }
+  };
+  template <typename F>
+  static SRNN_INLINE void run(int64_t n, F&& f) {
+    int64_t i = 0;
+    for (; i + S::L <= n; i += S::L) f(i, Whole{});
+    if (i < n) f(i, Part{n - i});
+  }
+};
+
+// The neuron constants of lanes i .. i + L - 1 (io: RowVectors' Whole or Part).
+template <typename T, typename IO>
+SRNN_INLINE auto decay_lanes(const Neurons<T>& nrn, int64_t i, const IO& io) {
+  using V = decltype(io.load(nrn.alpha.data()));
+  return Decay<V>{io.load(nrn.alpha.data() + i), io.load(nrn.rho.data() + i), io.load(nrn.in_gain.data() + i),
+                  io.load(nrn.one_m_rho.data() + i), V{}};  // one_m_alpha: not used by the steps
+}
+
+// s_t [H] from I_t = x[i] + rec[i]; u and eta advance from step t-1 (u_in, eta_in) to t (u,
+// eta; the same arrays or others: each vector is read before it is written). bits (or null):
+// [ceil(H/32)], neuron j's s_t != 0 in bit j % 32 of word j / 32, from the registers (reading
+// s_t back after the masked store of its last vector stalled: such a store does not forward).
+template <Isa ISA, typename T>
+SRNN_INLINE void forward_neurons(const Params<T>& p, const Neurons<T>& nrn, int64_t H, const T* x, const T* rec,
+                                 const T* s_prev, const T* u_in, const T* eta_in, T* u, T* eta, T* s,
+                                 int32_t* bits = nullptr) {
+  static_assert(32 % Simd<ISA, T>::L == 0, "a vector's lanes lie within one 32-bit word");
+  if (bits != nullptr) std::fill(bits, bits + spike_words(H), 0);
+  RowVectors<ISA, T>::run(H, [&](int64_t i, auto io) __attribute__((always_inline)) {
+    auto uu = io.load(u_in + i), ee = io.load(eta_in + i);
+    const auto si = forward_step(p, decay_lanes(nrn, i, io), io.load(x + i) + io.load(rec + i),
+                                 io.load(s_prev + i), uu, ee);
+    io.store(u + i, uu);
+    io.store(eta + i, ee);
+    io.store(s + i, si);
+    if (bits != nullptr) bits[i >> 5] |= int32_t(io.nonzero(s + i, si) << (i & 31));
+  });
 }
 
 // sg [H] = d s_t / d v_t at v = u_t - theta_t: the surrogate (binary neurons) or the step
@@ -596,17 +669,21 @@ SRNN_INLINE void backward_neurons_impl(const Params<T>& params, const Neurons<T>
   Params<T> p = params;
   p.binary = BINARY;
   spike_grads<ISA, T, BINARY>(p, H, u_cur, e_cur, sg);
-#pragma omp simd
-  for (int64_t i = 0; i < H; ++i) {
-    const StepGrads<T> g = backward_step_sg(p, nrn.at(i), sg[i], u_prev[i], u_cur[i], e_prev[i], e_cur[i],
-                                            s_prev[i], T(g_s[i] + ds[i]), du[i], deta[i]);
-    dI[i] = g.d_current;
-    ds[i] = g.ds_prev;
+  using RV = RowVectors<ISA, T>;
+  RV::run(H, [&](int64_t i, auto io) __attribute__((always_inline)) {
+    auto du_i = io.load(du + i), deta_i = io.load(deta + i);
+    const auto g = backward_step_sg(p, decay_lanes(nrn, i, io), io.load(sg + i), io.load(u_prev + i),
+                                    io.load(u_cur + i), io.load(e_prev + i), io.load(e_cur + i), io.load(s_prev + i),
+                                    io.load(g_s + i) + io.load(ds + i), du_i, deta_i);
+    io.store(du + i, du_i);
+    io.store(deta + i, deta_i);
+    io.store(dI + i, g.d_current);
+    io.store(ds + i, g.ds_prev);
     if constexpr (TAU) {  // else g.dalpha_num and g.drho are dead code: their products go too
-      dalpha[i] += double(g.dalpha_num);
-      drho[i] += double(g.drho);
+      io.add_d(dalpha + i, __builtin_convertvector(g.dalpha_num, typename RV::VD));
+      io.add_d(drho + i, __builtin_convertvector(g.drho, typename RV::VD));
     }
-  }
+  });
 }
 
 // dalpha = drho = null: no time constant needs a gradient (frozen tau_m and tau_adp), so the

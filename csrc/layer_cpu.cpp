@@ -95,13 +95,14 @@ SRNN_INLINE void input_current(const LayerArgs<T>& a, int64_t row0, int64_t nr, 
 }
 
 // One step of one row from its input current proj = b + W_in x_t (input_current): I_t = proj
-// + W_rec s_{t-1} (over act.s, the active s_{t-1}; rec [Hp] scratch); u, eta advance in
-// place; s_t out. The forward and the backward's recomputation both run it.
+// + W_rec s_{t-1} (over act.s, the active s_{t-1}; rec [Hp] scratch); u, eta advance from
+// u_in, eta_in (the same arrays in the forward); s_t out, and its bits (or null). The forward and the backward's recomputation both run it.
 template <Isa ISA, typename T>
 SRNN_INLINE void layer_step(const LayerArgs<T>& a, const Params<T>& p, const Neurons<T>& nrn, const T* proj,
-                            const T* s_prev, const Active& act, T* rec, T* u, T* eta, T* s) {
+                            const T* s_prev, const Active& act, T* rec, const T* u_in, const T* eta_in, T* u,
+                            T* eta, T* s, int32_t* bits = nullptr) {
   recurrent_input<ISA>(a.wT, s_prev, act.s, act.ns, false, a.Hp, rec);
-  forward_neurons(p, nrn, a.H, proj, rec, s_prev, u, eta, s);
+  forward_neurons<ISA>(p, nrn, a.H, proj, rec, s_prev, u_in, eta_in, u, eta, s, bits);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -154,12 +155,13 @@ SRNN_INLINE void layer_forward_rows(const LayerArgs<T>& a, const LayerOut<T>& o,
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = row0 + r;
         T* st = o.s + row * H;
-        layer_step<ISA>(a, p, nrn, proj_rows[r], s_prev[r], act[r], rec.data(), u.data() + r * H,
-                        eta.data() + r * H, st);
+        T* ur = u.data() + r * H;
+        T* er = eta.data() + r * H;
+        int32_t* bits = o.bits != nullptr ? o.bits + row * W : words.data();
+        layer_step<ISA>(a, p, nrn, proj_rows[r], s_prev[r], act[r], rec.data(), ur, er, ur, er, st,
+                        BINARY ? bits : nullptr);
         if (BINARY) {  // the next step's active set from the bits: cost follows the spike count
-          pack_bits<ISA>(st, H, words.data());
-          if (o.bits != nullptr) std::memcpy(o.bits + row * W, words.data(), W * sizeof(int32_t));
-          act[r].ns = bit_index(words.data(), W, act[r].s);
+          act[r].ns = bit_index(bits, W, act[r].s);
         } else {
           act[r].ns = nonzero_index<ISA>(st, H, act[r].s);
         }
@@ -326,9 +328,7 @@ SRNN_INLINE void layer_backward_block(const LayerArgs<T>& a, const LayerGrads<T>
         }
         T* un = u + (t - t0 + 1) * H;
         T* en = e + (t - t0 + 1) * H;
-        std::memcpy(un, un - H, H * sizeof(T));
-        std::memcpy(en, en - H, H * sizeof(T));
-        layer_step<ISA>(a, p, nrn, proj_rows[r], sp, act, rec.data(), un, en, s_new.data());
+        layer_step<ISA>(a, p, nrn, proj_rows[r], sp, act, rec.data(), un - H, en - H, un, en, s_new.data());
       }
     }
     for (int64_t t = t1 - 1; t >= t0; --t) {

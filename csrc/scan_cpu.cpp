@@ -69,13 +69,12 @@ SRNN_INLINE void forward_rows(const FwdArgs<T>& a, const Params<T>& params, cons
         T* __restrict uu = u.data() + r * H;
         T* __restrict ee = eta.data() + r * H;
         T* __restrict st = a.s + off;
-        forward_neurons(p, nrn, H, a.x + off, acc.data(), s_prev[r], uu, ee, st);
+        int32_t* bits = a.bits ? a.bits + (t * B + b0 + r) * W : words.data();
+        forward_neurons<ISA>(p, nrn, H, a.x + off, acc.data(), s_prev[r], uu, ee, uu, ee, st, BINARY ? bits : nullptr);
         if (a.u_seq) std::memcpy(a.u_seq + off, uu, H * sizeof(T));
         s_prev[r] = st;
         if (BINARY) {  // the active set from the packed bits: cost grows with the spike count
-          pack_bits<ISA>(st, H, words.data());
-          if (a.bits) std::memcpy(a.bits + (t * B + b0 + r) * W, words.data(), W * sizeof(int32_t));
-          n_active[r] = bit_index(words.data(), W, idx.data() + r * H);
+          n_active[r] = bit_index(bits, W, idx.data() + r * H);
         } else {
           n_active[r] = nonzero_index<ISA>(st, H, idx.data() + r * H);
         }

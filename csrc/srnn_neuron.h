@@ -58,15 +58,16 @@ template <typename T, typename V>
 SRNN_HD V threshold(const Params<T>& p, V eta) { return p.b0 + p.beta * eta; }
 
 // One forward step. In: u = u_{t-1}, eta = eta_{t-1}, s_prev, current = I_t.
-// Out: u = u_t, eta = eta_t; returns s_t.
-template <typename T>
-SRNN_HD T forward_step(const Params<T>& p, const Decay<T>& d, T current, T s_prev, T& u, T& eta) {
+// Out: u = u_t, eta = eta_t; returns s_t. V is T, or (CPU) a vector of T with Decay<V> of
+// vectors: the same operations lane by lane (GCC's vector ?: selects per lane).
+template <typename T, typename V>
+SRNN_HD V forward_step(const Params<T>& p, const Decay<V>& d, V current, V s_prev, V& u, V& eta) {
   eta = d.rho * eta + d.one_m_rho * s_prev;
-  const T theta = threshold(p, eta);
+  const V theta = threshold(p, eta);
   u = d.alpha * u + d.in_gain * current - theta * s_prev * p.dt;
-  const T v = u - theta;
-  if (p.binary) return v > T(0) ? T(1) : T(0);
-  return v > T(0) ? v : T(0);
+  const V v = u - theta;
+  if (p.binary) return v > V{} ? V{} + T(1) : V{};
+  return v > V{} ? v : V{};
 }
 
 // The exp used by the surrogate: libm / CUDA's by default; the CPU kernels pass a
@@ -116,17 +117,17 @@ struct StepGrads {
 // d u_t / d alpha = u_{t-1} - r_m I_t = (u_{t-1} - u_t - theta_t s_{t-1} dt) / (1 - alpha):
 // the identity spares saving I_t (or x_proj) for backward.
 //
-// backward_step_sg takes sg = spike_grad(p, u_t - theta_t) precomputed, so that a CPU caller
-// can run the exps in their own loop and vectorize the rest; backward_step computes it.
-template <typename T>
-SRNN_HD StepGrads<T> backward_step_sg(const Params<T>& p, const Decay<T>& d, T sg, T u_prev, T u, T eta_prev,
-                                      T eta, T s_prev, T g_s, T& du, T& deta) {
-  const T theta = threshold(p, eta);
-  const T dv = g_s * sg;
-  const T du_t = du + dv;
-  const T dtheta = -dv - du_t * s_prev * p.dt;
-  const T deta_t = deta + p.beta * dtheta;
-  StepGrads<T> g;
+// backward_step_sg takes sg = spike_grad(p, u_t - theta_t) precomputed (V: T, or a vector of T
+// on the CPU, lane by lane the same operations); backward_step computes it.
+template <typename T, typename V>
+SRNN_HD StepGrads<V> backward_step_sg(const Params<T>& p, const Decay<V>& d, V sg, V u_prev, V u, V eta_prev,
+                                      V eta, V s_prev, V g_s, V& du, V& deta) {
+  const V theta = threshold(p, eta);
+  const V dv = g_s * sg;
+  const V du_t = du + dv;
+  const V dtheta = -dv - du_t * s_prev * p.dt;
+  const V deta_t = deta + p.beta * dtheta;
+  StepGrads<V> g;
   g.d_current = du_t * d.in_gain;
   g.ds_prev = d.one_m_rho * deta_t - theta * p.dt * du_t;
   g.dalpha_num = du_t * (u_prev - u - theta * s_prev * p.dt);

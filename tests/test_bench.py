@@ -152,3 +152,30 @@ def test_subnormals_flushed_in_every_thread():
         assert bool(((big * 1.0) != 0).all())
     finally:
         torch.set_num_threads(before)
+
+
+def test_floor_of_the_dense_products(tmp_path, capsys):
+    """bench/floor.py: the dense products of each stack (the projection of a dense input and its
+    recomputation, dW_in, W_rec^T dI, dL/dx past the first layer) timed by torch.mm, the fused
+    stack on the same threads, and the table against issue 47's targets."""
+    import floor
+
+    shape = dict(bench.SHAPES["smnist"], **bench.QUICK)
+    model = bench.build("cpp", shape["sizes"], torch.device("cpu"))
+    N = shape["T"] * shape["B"]
+    products = floor.dense_products(shape, bench.make_input(shape, torch.device("cpu")), model)
+    assert products == {"fwd": [(N, 80, 120)],
+                        "bwd": [(N, 80, 120), (80, N, 120), (N, 120, 120), (N, 100, 100), (N, 100, 120)]}
+    shd = dict(bench.SHAPES["shd"], **bench.QUICK)  # spike input: no dense projection in layer 1
+    products = floor.dense_products(shd, bench.make_input(shd, torch.device("cpu")),
+                                    bench.build("cpp", shd["sizes"], torch.device("cpu")))
+    assert (N, 700, 128) not in products["fwd"] and products["bwd"][0] == (N, 128, 128)
+    out = tmp_path / "floor.json"
+    assert floor.main(["--quick", "--rounds", "1", "--repeats", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| smnist | fwd+bwd |" in table and "(60%)" in table and "(40%)" in table
+    rounds = json.loads(out.read_text())["rounds"]
+    row = rounds[0]["smnist"]
+    assert row["fwd_bwd_ms"] > 0 and row["floor_fwd_bwd_ms"] > row["floor_fwd_ms"] > 0
+    with pytest.raises(SystemExit):
+        floor.main(["--quick", "--shapes", "mnist"])
