@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
-from flops import gemm_rate, srnn_stack_flops  # noqa: E402
+from flops import gemm_rate, is_dense  # noqa: E402
 from measure import median_time  # noqa: E402
 from srnn_fast._ops import cpu_build  # noqa: E402
 
@@ -47,7 +47,7 @@ def dense_products(shape: dict, x: torch.Tensor, model) -> dict:
     with torch.no_grad():
         for index, layer in enumerate(model.layers):
             I, H = h.shape[-1], layer.hidden_size
-            if 2 * int(torch.count_nonzero(h)) >= h.numel():  # a dense input: a real projection
+            if is_dense(int(torch.count_nonzero(h)), h.numel()):  # a real projection
                 fwd.append((N, I, H))
                 bwd += [(N, I, H), (I, N, H)]  # its recomputation, dW_in^T = x^T dI
             bwd.append((N, H, H))  # W_rec^T dI
@@ -72,11 +72,11 @@ def measure_shape(name: str, repeats: int, quick: bool = False) -> dict:
     shape = dict(run.SHAPES[name], **(run.QUICK if quick else {}))
     model = run.build("cpp", shape["sizes"], torch.device("cpu"))
     x = run.make_input(shape, torch.device("cpu"))
-    res = run._measure("cpp", shape, torch.device("cpu"), repeats, 1, False, False, False)
-    products = dense_products(shape, x, model)
+    res = run._measure("cpp", shape, torch.device("cpu"), repeats, 1, False, False, count=True)
+    products = dense_products(shape, x, model)  # model: the same parameters (run.build seeds them)
     floor_fwd = time_products(products["fwd"], repeats)
     floor_bwd = time_products(products["bwd"], repeats)
-    work = srnn_stack_flops(model.layers, x)
+    work = res["flops"]
     return {"fwd_ms": res["fwd_ms"], "fwd_bwd_ms": res["fwd_bwd_ms"], "floor_fwd_ms": 1e3 * floor_fwd,
             "floor_fwd_bwd_ms": 1e3 * (floor_fwd + floor_bwd),
             "dense_gflop_fwd_bwd": sum(2 * m * k * n for m, k, n in products["fwd"] + products["bwd"]) / 1e9,

@@ -48,6 +48,11 @@ def _nnz_and_cost(v: torch.Tensor):
     return nnz, 1 if binary else 2
 
 
+def is_dense(nnz: int, numel: int) -> bool:
+    """Whether an input of numel values with nnz nonzeros counts as dense (a full projection)."""
+    return 2 * nnz >= numel
+
+
 def srnn_stack_flops(layers, x: torch.Tensor) -> dict:
     """Counts for SRNN layers (srnn_fast.SRNNLayer, time-major, zero initial spikes) on input
     x [T, B, I]; runs the forward once, under no_grad, for the spikes. Returns
@@ -61,7 +66,7 @@ def srnn_stack_flops(layers, x: torch.Tensor) -> dict:
             N, H = T * B, layer.hidden_size
             s, _ = layer(h)
             nnz_x, c_x = _nnz_and_cost(h)
-            kind = "dense" if 2 * nnz_x >= h.numel() else "spike"
+            kind = "dense" if is_dense(nnz_x, h.numel()) else "spike"
             proj = (2 * N * I if kind == "dense" else nnz_x * c_x) * H + N * H  # the products (or adds), the bias
             fwd[kind] += proj
             bwd[kind] += proj  # dW_in and db: the same terms
